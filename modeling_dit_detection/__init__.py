@@ -1,0 +1,45 @@
+"""DiT for object detection: a pretrained Diffusion Transformer fine-tuned into a DETR-style detector.
+
+Importing this package registers the classes with transformers' Auto classes, so `AutoConfig`, `AutoModel`,
+`AutoModelForObjectDetection`, `AutoImageProcessor` and `pipeline("object-detection")` resolve `dit_detection`.
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
+
+from .configuration_dit_detection import DIT_BACKBONE_PRESETS, SD_VAE_CONFIG, TINY_PRESETS, DiTDetectionConfig
+from .image_processing_dit_detection import DiTDetectionImageProcessor
+from .loss_dit_detection import DiTDetectionCriterion, HungarianMatcher
+from .modeling_dit_detection import (
+    DiTDetectionModel,
+    DiTDetectionModelOutput,
+    DiTDetectionObjectDetectionOutput,
+    DiTForObjectDetection,
+)
+
+AutoConfig.register(DiTDetectionConfig.model_type, DiTDetectionConfig, exist_ok=True)
+AutoModel.register(DiTDetectionConfig, DiTDetectionModel, exist_ok=True)
+AutoModelForObjectDetection.register(DiTDetectionConfig, DiTForObjectDetection, exist_ok=True)
+AutoImageProcessor.register(
+    DiTDetectionConfig, image_processor_classes={"torchvision": DiTDetectionImageProcessor}, exist_ok=True
+)
+
+# `save_pretrained` then writes `auto_map` and copies the code files next to the weights, so a saved folder
+# loads with `trust_remote_code=True` where this package is not installed.
+DiTDetectionConfig.register_for_auto_class()
+DiTDetectionModel.register_for_auto_class("AutoModel")
+DiTForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
+DiTDetectionImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = [
+    "DIT_BACKBONE_PRESETS",
+    "SD_VAE_CONFIG",
+    "TINY_PRESETS",
+    "DiTDetectionConfig",
+    "DiTDetectionCriterion",
+    "DiTDetectionImageProcessor",
+    "DiTDetectionModel",
+    "DiTDetectionModelOutput",
+    "DiTDetectionObjectDetectionOutput",
+    "DiTForObjectDetection",
+    "HungarianMatcher",
+]

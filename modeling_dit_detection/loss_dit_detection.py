@@ -1,0 +1,213 @@
+"""Set-prediction loss of DETR-style detectors with sigmoid (focal) classification: label checks, Hungarian
+matching (with Group DETR query groups) and the criterion (focal classification + L1 + GIoU on every output).
+
+Boxes are `(cx, cy, w, h)` normalised to 0..1 by the image size everywhere; logits are raw, one per class, with no
+background class (sigmoid, not softmax).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from scipy.optimize import linear_sum_assignment
+from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+
+# Replaces NaN/inf matching costs (degenerate boxes, overflow under mixed precision, transformers#42202): large
+# enough that such a pair is never preferred, small enough that scipy's sums stay exact in float64.
+_INVALID_COST = 1e8
+_BOX_HINT = "boxes must be normalised (cx, cy, w, h) relative to the image size"
+
+
+def validate_labels(labels, batch_size: int, num_labels: int) -> None:
+    """Checks training labels; raises `ValueError` naming the record, row and value of the first problem.
+
+    Args:
+        labels: list of `batch_size` dicts with `"class_labels"` (integer tensor `[n]`, ids in `[0, num_labels)`)
+            and `"boxes"` (float tensor `[n, 4]`, cx, cy, w, h normalised to 0..1). Other keys are ignored; n = 0 is
+            an image without objects.
+    """
+    if not isinstance(labels, (list, tuple)):
+        raise ValueError(f"labels must be a list of {batch_size} dicts (one per image), got {type(labels).__name__}.")
+    if len(labels) != batch_size:
+        raise ValueError(f"labels has {len(labels)} records but the batch has {batch_size} images.")
+    for i, record in enumerate(labels):
+        name = f"labels[{i}]"
+        if not isinstance(record, dict):
+            raise ValueError(f"{name} must be a dict with 'class_labels' and 'boxes', got {type(record).__name__}.")
+        for key in ("class_labels", "boxes"):
+            if key not in record:
+                raise ValueError(f"{name} is missing key {key!r}.")
+            if not isinstance(record[key], torch.Tensor):
+                raise ValueError(f"{name}[{key!r}] must be a torch.Tensor, got {type(record[key]).__name__}.")
+        classes, boxes = record["class_labels"], record["boxes"]
+        if classes.ndim != 1:
+            raise ValueError(f"{name}['class_labels'] must have shape [n], got {list(classes.shape)}.")
+        if boxes.ndim != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"{name}['boxes'] must have shape [n, 4], got {list(boxes.shape)}.")
+        if len(classes) != len(boxes):
+            raise ValueError(f"{name} has {len(classes)} class_labels but {len(boxes)} boxes.")
+        if classes.dtype.is_floating_point or classes.dtype.is_complex or classes.dtype == torch.bool:
+            raise ValueError(f"{name}['class_labels'] must be an integer tensor, got dtype {classes.dtype}.")
+        if not boxes.dtype.is_floating_point:
+            raise ValueError(f"{name}['boxes'] must be a float tensor, got dtype {boxes.dtype}; {_BOX_HINT}.")
+        bad = ((classes < 0) | (classes >= num_labels)).nonzero()
+        if len(bad):
+            row = int(bad[0])
+            raise ValueError(f"{name}['class_labels'][{row}] = {int(classes[row])} is outside [0, {num_labels}).")
+        boxes = boxes.detach().double()
+        corners = box_convert(boxes, "cxcywh", "xyxy")
+        checks = (
+            (~boxes.isfinite()).any(-1), "has non-finite values",
+            (boxes[:, 2:] <= 0).any(-1), "has width or height <= 0",
+            ((boxes < 0) | (boxes > 1)).any(-1), "has cx, cy, w or h outside [0, 1]",
+            ((corners < -1e-3) | (corners > 1 + 1e-3)).any(-1), "has corners (cx -+ w/2, cy -+ h/2) outside [0, 1]",
+        )
+        for mask, problem in zip(checks[::2], checks[1::2]):
+            if mask.any():
+                row = int(mask.nonzero()[0])
+                value = [round(v, 4) for v in boxes[row].tolist()]
+                raise ValueError(f"{name}['boxes'][{row}] = {value} {problem}; {_BOX_HINT}.")
+
+
+class HungarianMatcher:
+    """One-to-one matching of predictions to targets, minimising
+    `class_cost * focal + bbox_cost * L1(cxcywh) - giou_cost * GIoU(xyxy)` per image (and per query group)."""
+
+    def __init__(self, class_cost=2.0, bbox_cost=5.0, giou_cost=2.0, focal_alpha=0.25, focal_gamma=2.0):
+        self.class_cost, self.bbox_cost, self.giou_cost = class_cost, bbox_cost, giou_cost
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+
+    @torch.no_grad()
+    def __call__(self, logits, pred_boxes, targets, num_groups: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """
+        Args:
+            logits: `[batch, queries, num_labels]` raw class logits.
+            pred_boxes: `[batch, queries, 4]` cx, cy, w, h normalised to 0..1.
+            targets: list of `batch` dicts with `"class_labels"` `[n]` and `"boxes"` `[n, 4]` (cx, cy, w, h, 0..1).
+            num_groups: the query axis is `num_groups` contiguous equal groups, each matched one-to-one on its own.
+
+        Returns:
+            Per image `(query_indices, target_indices)`, int64 CPU tensors of length `num_groups * min(n, queries /
+            num_groups)`; query indices index the full query axis.
+        """
+        batch, queries, _ = logits.shape
+        if queries % num_groups:
+            raise ValueError(f"{queries} queries cannot be split into {num_groups} equal groups.")
+        sizes = [len(t["boxes"]) for t in targets]
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty) for _ in range(batch)]
+        # float32 without autocast: bf16/fp16 focal logs and GIoU divisions are what produce NaN costs.
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            prob = logits.flatten(0, 1).float().sigmoid()  # [B*Q, C]
+            boxes = pred_boxes.flatten(0, 1).float()  # [B*Q, 4]
+            target_ids = torch.cat([t["class_labels"] for t in targets]).to(logits.device, torch.int64)
+            target_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device, torch.float32)
+            # Deformable-DETR focal cost: what a positive costs minus what the same logit costs as a negative.
+            alpha, gamma = self.focal_alpha, self.focal_gamma
+            positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+            negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
+            class_cost = (positive - negative)[:, target_ids]  # [B*Q, N]
+            bbox_cost = torch.cdist(boxes, target_boxes, p=1)
+            giou_cost = -generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
+                                             box_convert(target_boxes, "cxcywh", "xyxy"))
+            cost = self.class_cost * class_cost + self.bbox_cost * bbox_cost + self.giou_cost * giou_cost
+            cost = torch.where(cost.isfinite(), cost, torch.full_like(cost, _INVALID_COST))
+        cost = cost.view(batch, queries, -1).cpu().double()
+        group_size = queries // num_groups
+        indices = []
+        for image, image_cost in enumerate(cost.split(sizes, dim=-1)):
+            if sizes[image] == 0:
+                indices.append((empty, empty))
+                continue
+            rows, cols = [], []
+            for group in range(num_groups):
+                start = group * group_size
+                row, col = linear_sum_assignment(image_cost[image, start:start + group_size].numpy())
+                rows.append(torch.as_tensor(row, dtype=torch.int64) + start)
+                cols.append(torch.as_tensor(col, dtype=torch.int64))
+            indices.append((torch.cat(rows), torch.cat(cols)))
+        return indices
+
+
+@dataclass
+class SetPredictions:
+    """One set of predictions to supervise: the final decoder layer (`name=""`), an auxiliary layer (`"dec_0"`), or
+    the encoder proposals (`"proposals"`). `logits`: `[batch, groups * queries, num_labels]`; `pred_boxes`:
+    `[batch, groups * queries, 4]` cx, cy, w, h normalised."""
+
+    name: str
+    logits: torch.Tensor
+    pred_boxes: torch.Tensor
+    num_groups: int = 1
+
+
+def global_num_boxes(targets, device) -> torch.Tensor:
+    """Target boxes per process averaged over all processes (at least 1): a float scalar on `device`.
+
+    Dividing each process's loss sum by this, then averaging gradients over processes (DDP), gives
+    (sum over all processes) / (total box count), however boxes are spread across processes.
+    """
+    num_boxes = torch.tensor(float(sum(len(t["boxes"]) for t in targets)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num_boxes, op=dist.ReduceOp.SUM)
+        num_boxes = num_boxes / dist.get_world_size()
+    return num_boxes.clamp(min=1)
+
+
+class DiTDetectionCriterion(torch.nn.Module):
+    """Sigmoid focal classification + L1 + GIoU losses, after Hungarian matching, on every set of predictions."""
+
+    def __init__(self, matcher: HungarianMatcher, class_loss_coefficient=2.0, bbox_loss_coefficient=5.0,
+                 giou_loss_coefficient=2.0, focal_alpha=0.25, focal_gamma=2.0):
+        super().__init__()
+        self.matcher = matcher
+        self.coefficients = {"loss_class": class_loss_coefficient, "loss_bbox": bbox_loss_coefficient,
+                             "loss_giou": giou_loss_coefficient}
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+
+    def forward(self, predictions: list[SetPredictions], targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """
+        Args:
+            predictions: the sets to supervise; each is matched on its own (with its `num_groups`).
+            targets: list of `batch` dicts with `"class_labels"` `[n]` and `"boxes"` `[n, 4]` (cx, cy, w, h, 0..1).
+
+        Returns:
+            `(total, loss_dict)`: the weighted sum over all sets (a float32 scalar with graph) and the detached
+            unweighted losses `loss_class`, `loss_bbox`, `loss_giou`, suffixed `_{name}` for non-final sets.
+        """
+        num_boxes = global_num_boxes(targets, predictions[0].logits.device)
+        total, loss_dict = 0.0, {}
+        for prediction in predictions:
+            indices = self.matcher(prediction.logits, prediction.pred_boxes, targets, prediction.num_groups)
+            # Each group sees every box once, so it is normalised as a full copy of the targets.
+            losses = self._losses(prediction, targets, indices, num_boxes * prediction.num_groups)
+            suffix = f"_{prediction.name}" if prediction.name else ""
+            for key, value in losses.items():
+                total = total + self.coefficients[key] * value
+                loss_dict[key + suffix] = value.detach()
+        return total, loss_dict
+
+    def _losses(self, prediction: SetPredictions, targets, indices, normaliser) -> dict[str, torch.Tensor]:
+        device = prediction.logits.device
+        # float32 without autocast: half-precision focal/GIoU maths is where mixed-precision training gets NaN.
+        with torch.autocast(device_type=device.type, enabled=False):
+            logits = prediction.logits.float()
+            image_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device)
+            query_idx = torch.cat([q for q, _ in indices]).to(device)
+            target_classes = torch.cat([t["class_labels"].to(device)[j.to(device)]
+                                        for t, (_, j) in zip(targets, indices)]).long()
+            target_boxes = torch.cat([t["boxes"].to(device)[j.to(device)]
+                                      for t, (_, j) in zip(targets, indices)]).float()
+            # Unmatched queries (and all queries of images without boxes) are negatives for every class.
+            one_hot = torch.zeros_like(logits)
+            one_hot[image_idx, query_idx, target_classes] = 1.0
+            loss_class = sigmoid_focal_loss(logits, one_hot, self.focal_alpha, self.focal_gamma, reduction="sum")
+            matched_boxes = prediction.pred_boxes.float()[image_idx, query_idx]
+            loss_bbox = (matched_boxes - target_boxes).abs().sum()
+            loss_giou = generalized_box_iou_loss(box_convert(matched_boxes, "cxcywh", "xyxy"),
+                                                 box_convert(target_boxes, "cxcywh", "xyxy"), reduction="sum")
+        return {"loss_class": loss_class / normaliser, "loss_bbox": loss_bbox / normaliser,
+                "loss_giou": loss_giou / normaliser}

@@ -1,0 +1,309 @@
+"""Tests of the set-prediction loss: label checks, Hungarian matching, the criterion, box-count normalisation."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from modeling_dit_detection.loss_dit_detection import (
+    DiTDetectionCriterion,
+    HungarianMatcher,
+    SetPredictions,
+    global_num_boxes,
+    validate_labels,
+)
+
+ALPHA, GAMMA = 0.25, 2.0
+
+
+def random_boxes(n, generator):
+    """[n, 4] valid normalised cx, cy, w, h."""
+    wh = torch.rand(n, 2, generator=generator) * 0.4 + 0.05
+    c = wh / 2 + torch.rand(n, 2, generator=generator) * (1 - wh)
+    return torch.cat([c, wh], dim=-1)
+
+
+def random_targets(sizes, num_labels, generator):
+    return [{"class_labels": torch.randint(0, num_labels, (n,), generator=generator),
+             "boxes": random_boxes(n, generator)} for n in sizes]
+
+
+def reference_cost(logit_row, box, target_class, target_box, weights=(2.0, 5.0, 2.0)):
+    """The matching cost of one (prediction, target) pair, in plain float64 Python."""
+    p = 1 / (1 + math.exp(-float(logit_row[target_class])))
+    positive = ALPHA * (1 - p) ** GAMMA * -math.log(p + 1e-8)
+    negative = (1 - ALPHA) * p**GAMMA * -math.log(1 - p + 1e-8)
+    box, target_box = [float(v) for v in box], [float(v) for v in target_box]
+    l1 = sum(abs(a - b) for a, b in zip(box, target_box))
+
+    def corners(b):
+        return b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
+
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = corners(box), corners(target_box)
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
+    hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
+    giou = inter / union - (hull - union) / hull
+    return weights[0] * (positive - negative) + weights[1] * l1 - weights[2] * giou
+
+
+def valid_labels():
+    return [{"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.2, 0.3, 0.4, 0.6]]),
+             "image_id": torch.tensor(7)},
+            {"class_labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+
+
+# ---------------------------------------------------------------------------------------------- validate_labels
+
+
+def test_validate_labels_accepts_valid_and_empty():
+    validate_labels(valid_labels(), batch_size=2, num_labels=3)
+    validate_labels((), batch_size=0, num_labels=3)
+    # corners may overshoot by rounding (< 1e-3)
+    validate_labels([{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.1, 0.5, 0.2005, 0.2]])}], 1, 3)
+
+
+def _with(index, key, value):
+    labels = valid_labels()
+    if key is None:
+        labels[index] = value
+    elif value is None:
+        del labels[index][key]
+    else:
+        labels[index][key] = value
+    return labels
+
+
+BAD_LABELS = [
+    ({"class_labels": torch.tensor([0])}, r"list of 2 dicts"),
+    (valid_labels()[:1], r"1 records but the batch has 2"),
+    (_with(1, None, [1, 2]), r"labels\[1\] must be a dict"),
+    (_with(0, "boxes", None), r"labels\[0\] is missing key 'boxes'"),
+    (_with(1, "class_labels", None), r"labels\[1\] is missing key 'class_labels'"),
+    (_with(0, "class_labels", [0, 2]), r"labels\[0\]\['class_labels'\] must be a torch.Tensor"),
+    (_with(0, "class_labels", torch.tensor([[0, 2]])), r"labels\[0\]\['class_labels'\] must have shape \[n\]"),
+    (_with(0, "boxes", torch.rand(2, 5)), r"labels\[0\]\['boxes'\] must have shape \[n, 4\], got \[2, 5\]"),
+    (_with(0, "class_labels", torch.tensor([0])), r"labels\[0\] has 1 class_labels but 2 boxes"),
+    (_with(0, "class_labels", torch.tensor([0.0, 2.0])), r"labels\[0\]\['class_labels'\] must be an integer"),
+    (_with(0, "boxes", torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1]])), r"labels\[0\]\['boxes'\] must be a float"),
+    (_with(0, "class_labels", torch.tensor([0, 3])), r"labels\[0\]\['class_labels'\]\[1\] = 3 is outside \[0, 3\)"),
+    (_with(0, "class_labels", torch.tensor([-1, 0])), r"labels\[0\]\['class_labels'\]\[0\] = -1 is outside"),
+    (_with(0, "boxes", torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.5, float("nan"), 0.2, 0.4]])),
+     r"labels\[0\]\['boxes'\]\[1\] = \[0.5, nan, 0.2, 0.4\] has non-finite"),
+    (_with(0, "boxes", torch.tensor([[0.5, 0.5, 0.0, 0.4], [0.5, 0.5, 0.2, 0.4]])),
+     r"labels\[0\]\['boxes'\]\[0\] = \[0.5, 0.5, 0.0, 0.4\] has width or height <= 0"),
+    (_with(0, "boxes", torch.tensor([[0.5, 0.5, 0.2, 0.4], [50.0, 60.0, 20.0, 30.0]])),
+     r"labels\[0\]\['boxes'\]\[1\] = \[50.0, 60.0, 20.0, 30.0\] has cx, cy, w or h outside \[0, 1\].*normalised"),
+    (_with(0, "boxes", torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.9, 0.5, 0.4, 0.2]])),
+     r"labels\[0\]\['boxes'\]\[1\] = \[0.9, 0.5, 0.4, 0.2\] has corners .* outside \[0, 1\].*normalised \(cx, cy"),
+]
+
+
+@pytest.mark.parametrize("labels, message", BAD_LABELS)
+def test_validate_labels_rejects(labels, message):
+    with pytest.raises(ValueError, match=message):
+        validate_labels(labels, batch_size=2, num_labels=3)
+
+
+# ---------------------------------------------------------------------------------------------- matcher
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_matcher_finds_minimum_total_cost(seed):
+    generator = torch.Generator().manual_seed(seed)
+    batch = 2 + seed % 2
+    queries = 3 + seed % 4
+    num_labels = 4
+    # the first image never has targets; the others between 1 and `queries`
+    sizes = [0] + [int(torch.randint(1, queries + 1, (1,), generator=generator)) for _ in range(batch - 1)]
+    logits = torch.randn(batch, queries, num_labels, generator=generator) * 2
+    pred_boxes = random_boxes(batch * queries, generator).view(batch, queries, 4)
+    targets = random_targets(sizes, num_labels, generator)
+    indices = HungarianMatcher()(logits, pred_boxes, targets)
+    assert len(indices) == batch
+    for image, (rows, cols) in enumerate(indices):
+        n = sizes[image]
+        assert rows.dtype == cols.dtype == torch.int64 and rows.device.type == "cpu"
+        assert len(rows) == len(cols) == n
+        assert sorted(cols.tolist()) == list(range(n)) and len(set(rows.tolist())) == n
+        if n == 0:
+            continue
+        cost = [[reference_cost(logits[image, q], pred_boxes[image, q], int(targets[image]["class_labels"][j]),
+                                targets[image]["boxes"][j]) for j in range(n)] for q in range(queries)]
+        matched = sum(cost[q][j] for q, j in zip(rows.tolist(), cols.tolist()))
+        best = min(sum(cost[q][j] for j, q in enumerate(perm)) for perm in itertools.permutations(range(queries), n))
+        assert matched == pytest.approx(best, rel=1e-6, abs=1e-9)
+
+
+def test_matcher_groups_match_every_target_once_per_group():
+    generator = torch.Generator().manual_seed(0)
+    queries, num_groups, sizes = 8, 2, [3, 0, 4]
+    logits = torch.randn(3, queries, 5, generator=generator)
+    pred_boxes = random_boxes(3 * queries, generator).view(3, queries, 4)
+    targets = random_targets(sizes, 5, generator)
+    indices = HungarianMatcher()(logits, pred_boxes, targets, num_groups=num_groups)
+    for (rows, cols), n in zip(indices, sizes):
+        assert len(rows) == len(cols) == num_groups * n
+        for group in range(num_groups):
+            in_group = (rows >= group * queries // 2) & (rows < (group + 1) * queries // 2)
+            assert sorted(cols[in_group].tolist()) == list(range(n))
+            assert len(set(rows[in_group].tolist())) == n
+    # each group on its own is the same problem as matching that slice alone
+    second = HungarianMatcher()(logits[:, 4:], pred_boxes[:, 4:], targets)
+    for (rows, cols), (rows2, cols2) in zip(indices, second):
+        mask = rows >= 4
+        grouped = sorted(zip((rows[mask] - 4).tolist(), cols[mask].tolist()))
+        assert grouped == sorted(zip(rows2.tolist(), cols2.tolist()))
+    with pytest.raises(ValueError, match="7 queries cannot be split into 2"):
+        HungarianMatcher()(logits[:, :7], pred_boxes[:, :7], targets, num_groups=2)
+
+
+# ---------------------------------------------------------------------------------------------- criterion
+
+
+def make_criterion():
+    return DiTDetectionCriterion(HungarianMatcher())
+
+
+def test_perfect_predictions_have_zero_box_losses_and_identity_matching():
+    generator = torch.Generator().manual_seed(1)
+    targets = random_targets([3, 2], 4, generator)
+    queries = 5
+    logits = torch.full((2, queries, 4), -12.0)
+    pred_boxes = random_boxes(2 * queries, generator).view(2, queries, 4)
+    for image, target in enumerate(targets):
+        n = len(target["boxes"])
+        # scatter the targets into queries in reverse order, so "identity" is a real permutation
+        slots = torch.arange(n).flip(0)
+        pred_boxes[image, slots] = target["boxes"]
+        logits[image, slots, target["class_labels"]] = 12.0
+    indices = HungarianMatcher()(logits, pred_boxes, targets)
+    for (rows, cols), target in zip(indices, targets):
+        n = len(target["boxes"])
+        assert dict(zip(cols.tolist(), rows.tolist())) == {j: n - 1 - j for j in range(n)}
+    total, loss_dict = make_criterion()([SetPredictions("", logits, pred_boxes)], targets)
+    assert set(loss_dict) == {"loss_class", "loss_bbox", "loss_giou"}
+    # GIoU loss carries torchvision's eps=1e-7 in its divisions, relative to box areas of ~0.01
+    assert loss_dict["loss_bbox"] < 1e-6 and loss_dict["loss_giou"] < 1e-4
+    assert loss_dict["loss_class"] < 1e-6
+
+
+def test_keys_normalisation_and_total():
+    generator = torch.Generator().manual_seed(2)
+    targets = random_targets([2, 3], 3, generator)
+    logits = torch.randn(2, 8, 3, generator=generator, requires_grad=True)
+    pred_boxes = random_boxes(16, generator).view(2, 8, 4)
+    criterion = make_criterion()
+    predictions = [SetPredictions("", logits, pred_boxes, num_groups=2),
+                   SetPredictions("dec_0", logits[:, :4], pred_boxes[:, :4])]
+    total, loss_dict = criterion(predictions, targets)
+    assert set(loss_dict) == {"loss_class", "loss_bbox", "loss_giou",
+                              "loss_class_dec_0", "loss_bbox_dec_0", "loss_giou_dec_0"}
+    assert all(not v.requires_grad and v.ndim == 0 for v in loss_dict.values())
+    expected = sum(w * loss_dict[k + s] for s in ("", "_dec_0")
+                   for k, w in (("loss_class", 2.0), ("loss_bbox", 5.0), ("loss_giou", 2.0)))
+    assert total.requires_grad and total.item() == pytest.approx(expected.item(), rel=1e-6)
+    # groups normalise as num_groups copies of the targets: the first group alone, matched alone, is the same
+    # problem as "dec_0", so the grouped loss is the average of two comparable groups, not their sum
+    indices = HungarianMatcher()(logits, pred_boxes, targets, num_groups=2)
+    l1 = sum((pred_boxes[i, r] - t["boxes"][c]).abs().sum() for i, ((r, c), t) in enumerate(zip(indices, targets)))
+    assert loss_dict["loss_bbox"].item() == pytest.approx(l1.item() / (5 * 2), rel=1e-6)
+
+
+def test_image_without_boxes_pushes_all_its_probabilities_down():
+    generator = torch.Generator().manual_seed(3)
+    targets = random_targets([2, 0], 3, generator)
+    logits = torch.randn(2, 4, 3, generator=generator).requires_grad_()
+    pred_boxes = random_boxes(8, generator).view(2, 4, 4).requires_grad_()
+    total, loss_dict = make_criterion()([SetPredictions("", logits, pred_boxes)], targets)
+    assert torch.isfinite(total)
+    total.backward()
+    assert (logits.grad[1] > 0).all()
+    assert (pred_boxes.grad[1] == 0).all()
+    # a batch with no boxes at all: pure negatives, normalised by 1, box losses zero
+    total, loss_dict = make_criterion()([SetPredictions("", logits, pred_boxes)], random_targets([0, 0], 3, generator))
+    assert torch.isfinite(total) and loss_dict["loss_bbox"] == 0 and loss_dict["loss_giou"] == 0
+    assert loss_dict["loss_class"] > 0
+
+
+def test_bf16_autocast_with_degenerate_boxes_is_finite():
+    generator = torch.Generator().manual_seed(4)
+    targets = random_targets([3, 1], 5, generator)
+    logits = (torch.randn(2, 6, 5, generator=generator) * 30).bfloat16().requires_grad_()
+    boxes = random_boxes(12, generator).view(2, 6, 4)
+    boxes[:, :3, 2:] = 0  # zero-size boxes
+    boxes[0, 0] = 0  # a point at the corner
+    boxes = boxes.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        indices = HungarianMatcher()(logits, boxes, targets, num_groups=2)
+        total, loss_dict = make_criterion()([SetPredictions("", logits, boxes, num_groups=2)], targets)
+    for (rows, cols), n in zip(indices, (3, 1)):
+        assert len(rows) == 2 * n and rows.min() >= 0 and rows.max() < 6
+        assert sorted(cols.tolist()) == sorted(list(range(n)) * 2)
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    assert all(torch.isfinite(v) for v in loss_dict.values())
+    total.backward()
+    assert torch.isfinite(logits.grad.float()).all() and torch.isfinite(boxes.grad.float()).all()
+
+
+def test_matcher_survives_nan_predictions():
+    generator = torch.Generator().manual_seed(5)
+    targets = random_targets([2], 3, generator)
+    logits = torch.randn(1, 4, 3, generator=generator)
+    boxes = random_boxes(4, generator).view(1, 4, 4)
+    boxes[0, 1] = float("nan")
+    logits[0, 2] = float("nan")
+    rows, cols = HungarianMatcher()(logits, boxes, targets)[0]
+    # the two finite queries win over the NaN ones
+    assert sorted(rows.tolist()) == [0, 3] and sorted(cols.tolist()) == [0, 1]
+
+
+def test_training_free_parameters_reduces_loss():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(6)
+    targets = random_targets([3, 1, 0], 4, generator)
+    logits = torch.nn.Parameter(torch.zeros(3, 6, 4))
+    box_logits = torch.nn.Parameter(torch.randn(3, 6, 4) * 0.5)
+    optimizer = torch.optim.Adam([logits, box_logits], lr=0.1)
+    criterion = make_criterion()
+    losses = []
+    for _ in range(60):
+        predictions = [SetPredictions("", logits, box_logits.sigmoid(), num_groups=2)]
+        total, _ = criterion(predictions, targets)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        losses.append(total.item())
+    assert losses[-1] < losses[0] / 10, losses[::10]
+
+
+# ---------------------------------------------------------------------------------------------- box count
+
+
+def test_global_num_boxes_single_process():
+    assert not dist.is_initialized()
+    generator = torch.Generator().manual_seed(7)
+    count = global_num_boxes(random_targets([3, 0, 2], 2, generator), torch.device("cpu"))
+    assert count.dtype == torch.float32 and count.item() == 5.0
+    assert global_num_boxes(random_targets([0, 0], 2, generator), "cpu").item() == 1.0
+
+
+def _distributed_worker(rank, init_file, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        generator = torch.Generator().manual_seed(rank)
+        sizes = [[3], [2, 3]][rank]  # 3 and 5 boxes
+        count = global_num_boxes(random_targets(sizes, 2, generator), torch.device("cpu"))
+        torch.save(count, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_num_boxes_all_reduce_across_two_processes(tmp_path):
+    result_file = tmp_path / "count"
+    mp.spawn(_distributed_worker, args=(str(tmp_path / "init"), str(result_file)), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.load(f"{result_file}.{rank}").item() == 4.0

@@ -1,0 +1,197 @@
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
+from helpers import random_labels, tiny_config
+
+from modeling_dit_detection import DiTDetectionModel, DiTForObjectDetection
+from modeling_dit_detection.modeling_dit_detection import sincos_position_embedding, timestep_features
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-latent"])
+@pytest.mark.parametrize("height, width", [(64, 64), (32, 96)])
+def test_output_shapes(preset, height, width):
+    config = tiny_config(preset)
+    model = DiTForObjectDetection(config).eval()
+    pixel_values = torch.rand(2, 3, height, width) * 2 - 1
+    with torch.no_grad():
+        outputs = model(pixel_values, output_hidden_states=True)
+
+    queries, labels = config.num_queries, config.num_labels
+    assert outputs.logits.shape == (2, queries, labels)
+    assert outputs.pred_boxes.shape == (2, queries, 4)
+    assert ((outputs.pred_boxes >= 0) & (outputs.pred_boxes <= 1)).all()
+    assert len(outputs.auxiliary_outputs) == config.decoder_layers - 1
+    assert outputs.auxiliary_outputs[0]["pred_boxes"].shape == (2, queries, 4)
+    assert outputs.proposal_logits.shape == (2, queries, labels)
+    assert outputs.last_hidden_state.shape == (2, queries, config.d_model)
+    tokens = (height // config.backbone_stride) * (width // config.backbone_stride)
+    assert len(outputs.hidden_states) == config.num_hidden_layers + 1
+    assert all(h.shape == (2, tokens, config.hidden_size) for h in outputs.hidden_states)
+    assert outputs.loss is None
+
+
+def test_base_model_output_shapes():
+    config = tiny_config()
+    model = DiTDetectionModel(config).eval()
+    outputs = model(torch.zeros(1, 3, 64, 64))
+    assert outputs.intermediate_hidden_states.shape == (config.decoder_layers, 1, config.num_queries, config.d_model)
+    assert outputs.intermediate_boxes.shape == (config.decoder_layers, 1, config.num_queries, 4)
+    assert outputs.hidden_states is None
+
+
+def test_training_runs_all_query_groups_but_returns_the_first():
+    config = tiny_config(num_query_groups=3)
+    model = DiTDetectionModel(config).train()
+    outputs = model(torch.zeros(1, 3, 64, 64))
+    assert outputs.intermediate_boxes.shape[2] == 3 * config.num_queries
+    detector = DiTForObjectDetection(config).train()
+    outputs = detector(torch.zeros(1, 3, 64, 64), labels=random_labels(1, config.num_labels))
+    assert outputs.logits.shape[1] == config.num_queries
+
+
+def test_outputs_do_not_depend_on_the_rest_of_the_batch():
+    model = DiTForObjectDetection(tiny_config("tiny-latent")).eval()
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        together = model(images)
+        alone = model(images[1:2])
+    torch.testing.assert_close(together.pred_boxes[1:2], alone.pred_boxes, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together.logits[1:2], alone.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-latent"])
+def test_loss_is_finite_and_reaches_every_trainable_parameter(preset):
+    config = tiny_config(preset)
+    model = DiTForObjectDetection(config).train()
+    images = torch.rand(3, 3, *config.image_size) * 2 - 1
+    labels = random_labels(3, config.num_labels, boxes_per_image=(2, 0, 1))  # image 1 has no objects
+    outputs = model(images, labels=labels)
+    assert torch.isfinite(outputs.loss)
+    assert {"loss_class", "loss_bbox", "loss_giou", "loss_class_dec_0", "loss_class_proposals"} <= set(outputs.loss_dict)
+
+    # Zero-initialised output layers (box refinements start as "no change") block gradients to the layers before
+    # them on the very first step only; after one update every trainable parameter must receive a gradient.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    outputs.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model(images, labels=labels).loss.backward()
+    for name, parameter in model.named_parameters():
+        if name.startswith("model.vae."):
+            assert not parameter.requires_grad and parameter.grad is None, name
+            continue
+        assert parameter.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, f"{name} got an all-zero gradient"
+
+
+def test_backbone_blocks_after_the_deepest_tap_are_skipped_unless_states_are_requested():
+    config = tiny_config(out_indices=(1,))
+    model = DiTForObjectDetection(config).train()
+    model(torch.zeros(1, 3, 64, 64), labels=random_labels(1, config.num_labels)).loss.backward()
+    assert model.model.backbone.layers[1].mlp.fc2.weight.grad is not None
+    assert model.model.backbone.layers[3].mlp.fc2.weight.grad is None
+
+
+def test_sdpa_and_eager_attention_agree():
+    eager = DiTForObjectDetection._from_config(tiny_config(), attn_implementation="eager").eval()
+    sdpa = DiTForObjectDetection._from_config(tiny_config(), attn_implementation="sdpa").eval()
+    sdpa.load_state_dict(eager.state_dict())
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        eager_states = eager(images, output_hidden_states=True).hidden_states
+        sdpa_states = sdpa(images, output_hidden_states=True).hidden_states
+    for a, b in zip(eager_states, sdpa_states):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = tiny_config(num_query_groups=1)
+    labels = random_labels(2, config.num_labels)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = DiTForObjectDetection(config).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(images, labels=labels).loss.backward()
+        grads.append(model.model.backbone.layers[0].attention.q_proj.weight.grad.clone())
+    assert model.model.backbone.layers[0].gradient_checkpointing
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (8, 12), (24, 10)])
+def test_sincos_positions_match_diffusers(grid):
+    ours = sincos_position_embedding(64, *grid, base_grid_size=16)
+    reference = get_2d_sincos_pos_embed(64, grid, base_size=16, output_type="pt").float()
+    torch.testing.assert_close(ours, reference)
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_timestep_features_match_diffusers(shift):
+    timesteps = torch.tensor([0, 1, 100, 999])
+    reference = get_timestep_embedding(timesteps, 256, flip_sin_to_cos=True, downscale_freq_shift=shift)
+    torch.testing.assert_close(timestep_features(timesteps, 256, shift), reference)
+
+
+def test_vae_latents_are_the_scaled_posterior_mean_of_diffusers_autoencoder():
+    config = tiny_config("tiny-latent")
+    model = DiTDetectionModel(config).eval()
+    autoencoder = AutoencoderKL(**{k: v for k, v in config.vae_config.items() if k != "scaling_factor"}).eval()
+    encoder_weights = {k: v for k, v in autoencoder.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    model.vae.load_state_dict(encoder_weights)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        reference = autoencoder.encode(images).latent_dist.mean * config.vae_config["scaling_factor"]
+        torch.testing.assert_close(model.vae(images), reference, atol=1e-6, rtol=1e-5)
+
+
+def test_features_use_fixed_noise_at_the_feature_timestep():
+    config = tiny_config(feature_timestep=250)
+    model = DiTDetectionModel(config)
+    images = torch.rand(1, 3, 64, 64) * 2 - 1
+    first, second = model.encode_latents(images), model.encode_latents(images)
+    torch.testing.assert_close(first, second)
+    signal = model.alphas_cumprod[250].sqrt()
+    assert not torch.allclose(first, signal * images)  # noise was added
+    clean = DiTDetectionModel(tiny_config(feature_timestep=0))
+    torch.testing.assert_close(clean.encode_latents(images), images)
+
+
+def test_frozen_vae_stays_frozen_after_reload(tmp_path):
+    DiTForObjectDetection(tiny_config("tiny-latent")).save_pretrained(tmp_path)
+    model = DiTForObjectDetection.from_pretrained(tmp_path)
+    assert not any(p.requires_grad for p in model.model.vae.parameters())
+
+
+def test_input_size_not_a_multiple_of_the_stride_is_rejected():
+    model = DiTForObjectDetection(tiny_config("tiny-latent"))
+    with pytest.raises(ValueError, match=r"30x32 .* not a multiple of the backbone stride 4"):
+        model(torch.zeros(1, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
+        model(torch.zeros(1, 1, 32, 32))
+
+
+def test_too_few_pyramid_tokens_for_the_queries_is_rejected():
+    model = DiTForObjectDetection(tiny_config(num_queries=500))
+    with pytest.raises(ValueError, match="fewer than num_queries=500"):
+        model(torch.zeros(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([{"class_labels": torch.tensor([0])}], r"labels\[0\].*boxes"),
+        ([{"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 1.5, 0.2]])}], r"labels\[0\]"),
+        ([{"class_labels": torch.tensor([7]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}], r"labels\[0\]"),
+        ([{"class_labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}], r"labels\[0\]"),
+        ({"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}, "list"),
+    ],
+)
+def test_malformed_labels_are_rejected_with_a_clear_error(labels, message):
+    model = DiTForObjectDetection(tiny_config())
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(1, 3, 64, 64), labels=labels)
