@@ -543,7 +543,6 @@ class DiTDetectionModel(DiTDetectionPreTrainedModel):
         # Content part of the queries: one learned vector per query and group; positions come from the proposals.
         self.query_embed = nn.Embedding(config.num_queries * config.num_query_groups, d_model)
         self.decoder = DiTDetectionDecoder(config)
-        self.register_buffer("alphas_cumprod", alphas_cumprod(config).float(), persistent=False)
         self.post_init()
 
     def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -555,8 +554,8 @@ class DiTDetectionModel(DiTDetectionPreTrainedModel):
             return latents
         generator = torch.Generator().manual_seed(self.config.noise_seed)
         noise = torch.randn((1, *latents.shape[1:]), generator=generator).to(latents.device, latents.dtype)
-        signal_rate = self.alphas_cumprod[timestep]
-        return signal_rate.sqrt() * latents + (1 - signal_rate).sqrt() * noise
+        signal_rate = alphas_cumprod(self.config)[timestep].item()
+        return math.sqrt(signal_rate) * latents + math.sqrt(1 - signal_rate) * noise
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         stride = self.config.backbone_stride
@@ -649,6 +648,13 @@ class DiTForObjectDetection(DiTDetectionPreTrainedModel):
         self.class_heads = nn.ModuleList(nn.Linear(config.d_model, config.num_labels)
                                          for _ in range(config.decoder_layers))
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # The saved detector folder also serves `AutoModel` (the base model) through the same remote code.
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModel"] = f"{DiTDetectionModel.__module__.rsplit('.', 1)[-1]}.{DiTDetectionModel.__name__}"
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def forward(
         self,

@@ -5,7 +5,7 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_em
 from helpers import random_labels, tiny_config
 
 from modeling_dit_detection import DiTDetectionModel, DiTForObjectDetection
-from modeling_dit_detection.modeling_dit_detection import sincos_position_embedding, timestep_features
+from modeling_dit_detection.modeling_dit_detection import alphas_cumprod, sincos_position_embedding, timestep_features
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-latent"])
@@ -155,8 +155,9 @@ def test_features_use_fixed_noise_at_the_feature_timestep():
     images = torch.rand(1, 3, 64, 64) * 2 - 1
     first, second = model.encode_latents(images), model.encode_latents(images)
     torch.testing.assert_close(first, second)
-    signal = model.alphas_cumprod[250].sqrt()
-    assert not torch.allclose(first, signal * images)  # noise was added
+    signal_rate = alphas_cumprod(config)[250].item()
+    noise = (first - signal_rate**0.5 * images) / (1 - signal_rate) ** 0.5
+    assert 0.8 < noise.std() < 1.2  # unit Gaussian noise was added at the DDPM rate of t = 250
     clean = DiTDetectionModel(tiny_config(feature_timestep=0))
     torch.testing.assert_close(clean.encode_latents(images), images)
 
@@ -195,3 +196,10 @@ def test_malformed_labels_are_rejected_with_a_clear_error(labels, message):
     model = DiTForObjectDetection(tiny_config())
     with pytest.raises(ValueError, match=message):
         model(torch.zeros(1, 3, 64, 64), labels=labels)
+
+
+def test_noise_schedule_matches_diffusers_linear_ddpm():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    torch.testing.assert_close(alphas_cumprod(tiny_config()).float(), scheduler.alphas_cumprod, atol=1e-6, rtol=1e-5)

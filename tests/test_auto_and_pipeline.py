@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import torch
+from helpers import tiny_config
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, AutoModelForObjectDetection, pipeline
+
+from modeling_dit_detection import (
+    DiTDetectionImageProcessor,
+    DiTDetectionModel,
+    DiTForObjectDetection,
+)
+
+
+@pytest.fixture(scope="module")
+def saved_detector(tmp_path_factory):
+    """A tiny latent-space detector and its processor saved as a model folder."""
+    torch.manual_seed(0)
+    config = tiny_config("tiny-latent")
+    model = DiTForObjectDetection(config).eval()
+    processor = DiTDetectionImageProcessor(size=dict(zip(("height", "width"), config.image_size)),
+                                           size_divisor=config.backbone_stride)
+    folder = tmp_path_factory.mktemp("detector")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor, folder
+
+
+def _image(width=100, height=60, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def test_saved_folder_is_remote_code_ready(saved_detector):
+    _, _, folder = saved_detector
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "dit_detection"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_dit_detection.DiTDetectionConfig",
+        "AutoModel": "modeling_dit_detection.DiTDetectionModel",
+        "AutoModelForObjectDetection": "modeling_dit_detection.DiTForObjectDetection",
+    }
+    processor_config = json.loads((folder / "preprocessor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoImageProcessor"].endswith("DiTDetectionImageProcessor")
+    for name in ("configuration_dit_detection.py", "modeling_dit_detection.py", "loss_dit_detection.py",
+                 "image_processing_dit_detection.py"):
+        assert (folder / name).is_file(), name
+
+
+def test_auto_classes_round_trip_gives_identical_outputs(saved_detector):
+    model, processor, folder = saved_detector
+    pixel_values = processor(_image(), return_tensors="pt")["pixel_values"]
+
+    reloaded = AutoModelForObjectDetection.from_pretrained(folder)
+    assert type(reloaded) is DiTForObjectDetection
+    base = AutoModel.from_pretrained(folder)
+    assert type(base) is DiTDetectionModel
+    with torch.no_grad():
+        expected = model(pixel_values)
+        actual = reloaded(pixel_values)
+        base_outputs = base(pixel_values)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(actual.pred_boxes, expected.pred_boxes, rtol=0, atol=0)
+    torch.testing.assert_close(base_outputs.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
+
+    reloaded_processor = AutoImageProcessor.from_pretrained(folder)
+    assert type(reloaded_processor) is DiTDetectionImageProcessor
+    assert reloaded_processor.size_divisor == processor.size_divisor
+    torch.testing.assert_close(reloaded_processor(_image(), return_tensors="pt")["pixel_values"], pixel_values)
+
+
+def test_pipeline_returns_boxes_in_image_coordinates(saved_detector):
+    model, processor, folder = saved_detector
+    detector = pipeline("object-detection", model=str(folder))
+    image = _image(width=100, height=60)
+    detections = detector(image, threshold=0.0)
+
+    # The same numbers by hand: processor -> model -> post-processing at the original size.
+    with torch.no_grad():
+        outputs = model(processor(image, return_tensors="pt")["pixel_values"])
+    expected = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(60, 100)])[0]
+
+    assert len(detections) == len(expected["scores"]) > 0
+    for detection, score, label, box in zip(detections, expected["scores"], expected["labels"], expected["boxes"]):
+        assert detection["score"] == pytest.approx(score.item(), abs=1e-6)
+        assert detection["label"] == model.config.id2label[label.item()]
+        assert [detection["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")] == box.int().tolist()
+        assert 0 <= detection["box"]["xmin"] <= detection["box"]["xmax"] <= 100
+        assert 0 <= detection["box"]["ymin"] <= detection["box"]["ymax"] <= 60
