@@ -70,7 +70,8 @@ class DiTDetectionConfig(PretrainedConfig):
         frequency_embedding_size (`int`): size of the sinusoidal timestep features fed to the timestep MLP.
         timestep_freq_shift (`int`): frequency shift of those features: 1 as in diffusers' DiT, 0 as in the
             original facebookresearch/DiT code (`exp(-log(1e4) * i / (half - shift))`).
-        layer_norm_eps (`float`): epsilon of the (affine-free) adaLN layer norms.
+        attention_norm_eps, mlp_norm_eps (`float`): epsilons of the affine-free layer norms before attention and
+            before the MLP of each block. diffusers' DiT uses 1e-6 and 1e-5, the original DiT code 1e-6 for both.
         attention_bias (`bool`): whether the q, k, v projections have biases.
         base_grid_size (`int`): side of the token grid the backbone was pretrained on (diffusers'
             `sample_size // patch_size`); other grids get sin-cos positions interpolated onto it, as diffusers does.
@@ -115,7 +116,8 @@ class DiTDetectionConfig(PretrainedConfig):
         num_class_embeds: int = 1000,
         frequency_embedding_size: int = 256,
         timestep_freq_shift: int = 1,
-        layer_norm_eps: float = 1e-6,
+        attention_norm_eps: float = 1e-6,
+        mlp_norm_eps: float = 1e-5,
         attention_bias: bool = True,
         base_grid_size: int | None = None,
         vae_config: dict | None = SD_VAE_CONFIG,
@@ -155,7 +157,8 @@ class DiTDetectionConfig(PretrainedConfig):
         self.num_class_embeds = num_class_embeds
         self.frequency_embedding_size = frequency_embedding_size
         self.timestep_freq_shift = timestep_freq_shift
-        self.layer_norm_eps = layer_norm_eps
+        self.attention_norm_eps = attention_norm_eps
+        self.mlp_norm_eps = mlp_norm_eps
         self.attention_bias = attention_bias
         self.vae_config = copy.deepcopy(vae_config) if vae_config is not None else None
         self.image_size = _pair(image_size)

@@ -138,9 +138,9 @@ class DiTBlock(GradientCheckpointingLayer):
     def __init__(self, config: DiTDetectionConfig):
         super().__init__()
         hidden = config.hidden_size
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=config.layer_norm_eps)
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=config.attention_norm_eps)
         self.attention = DiTAttention(config)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=config.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=config.mlp_norm_eps)
         self.mlp = DiTMLP(config)
         self.adaln_modulation = nn.Linear(hidden, 6 * hidden)
 
@@ -584,9 +584,7 @@ class DiTDetectionModel(DiTDetectionPreTrainedModel):
         return (logits.gather(1, top[..., None].expand(-1, -1, logits.shape[-1])),
                 boxes.gather(1, top[..., None].expand(-1, -1, 4)))
 
-    def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
-    ) -> DiTDetectionModelOutput:
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None) -> DiTDetectionModelOutput:
         """pixel_values `[batch, 3, H, W]` in [-1, 1], H and W multiples of `config.backbone_stride`."""
         self.check_pixel_values(pixel_values)
         config = self.config
@@ -642,6 +640,10 @@ def _group_attention_mask(num_queries: int, num_groups: int, device) -> torch.Te
 class DiTForObjectDetection(DiTDetectionPreTrainedModel):
     """[`DiTDetectionModel`] with a class head per decoder layer and the Hungarian set-prediction loss."""
 
+    # The loss normalises itself by the number of target boxes; the Trainer must still average it over
+    # gradient-accumulation steps rather than pass `num_items_in_batch` (a token count) to it.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: DiTDetectionConfig):
         super().__init__(config)
         self.model = DiTDetectionModel(config)
@@ -661,7 +663,6 @@ class DiTForObjectDetection(DiTDetectionPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: list[dict[str, torch.Tensor]] | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
     ) -> DiTDetectionObjectDetectionOutput:
         """
         pixel_values (`[batch, 3, H, W]`): images in [-1, 1] (see `DiTDetectionImageProcessor`).
