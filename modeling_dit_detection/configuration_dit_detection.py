@@ -84,6 +84,10 @@ class DiTDetectionConfig(PretrainedConfig):
             latents are noised to it with a fixed noise (seed `noise_seed`); 0 means no noise at all.
         num_train_timesteps, beta_start, beta_end: the linear DDPM beta schedule the DiT was trained with.
         noise_seed (`int`): seed of the fixed noise, so that features are deterministic.
+        fold_conditioning (`bool`): whether each block holds the constant adaLN modulation that its MLP produces for
+            (`feature_timestep`, null class) instead of the MLP and the timestep / class embedders: identical
+            outputs, about a third fewer backbone weights. Set by `model.fold_conditioning()`; `feature_timestep`
+            is then baked in.
         out_indices (`tuple[int]`): 0-based indices of the backbone blocks whose outputs feed the neck.
         d_model (`int`): width of the neck, the decoder and the heads.
         pyramid_scales (`tuple[float]`): resolutions of the simple feature pyramid relative to the token grid
@@ -127,6 +131,7 @@ class DiTDetectionConfig(PretrainedConfig):
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         noise_seed: int = 0,
+        fold_conditioning: bool = False,
         out_indices: tuple[int, ...] | list[int] = (13, 17, 20),
         d_model: int = 256,
         pyramid_scales: tuple[float, ...] | list[float] = (2.0, 1.0, 0.5),
@@ -168,6 +173,7 @@ class DiTDetectionConfig(PretrainedConfig):
         self.beta_start = beta_start
         self.beta_end = beta_end
         self.noise_seed = noise_seed
+        self.fold_conditioning = fold_conditioning
         self.out_indices = [int(i) for i in out_indices]
         self.d_model = d_model
         self.pyramid_scales = [float(s) for s in pyramid_scales]

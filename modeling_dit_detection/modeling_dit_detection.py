@@ -133,7 +133,11 @@ class DiTMLP(nn.Module):
 
 
 class DiTBlock(GradientCheckpointingLayer):
-    """adaLN-Zero transformer block: the conditioning vector sets shift, scale and gate of both sub-layers."""
+    """adaLN-Zero transformer block: the conditioning vector sets shift, scale and gate of both sub-layers.
+
+    With `config.fold_conditioning`, the conditioning is fixed, so the block holds the resulting modulation
+    (`[6 * hidden]`) as a parameter instead of the MLP that computes it.
+    """
 
     def __init__(self, config: DiTDetectionConfig):
         super().__init__()
@@ -142,11 +146,26 @@ class DiTBlock(GradientCheckpointingLayer):
         self.attention = DiTAttention(config)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=config.mlp_norm_eps)
         self.mlp = DiTMLP(config)
-        self.adaln_modulation = nn.Linear(hidden, 6 * hidden)
+        if config.fold_conditioning:
+            self.modulation = nn.Parameter(torch.zeros(6 * hidden))
+        else:
+            self.adaln_modulation = nn.Linear(hidden, 6 * hidden)
 
-    def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
-        """hidden_states `[batch, tokens, hidden]`, conditioning `[batch or 1, hidden]` -> `[batch, tokens, hidden]`."""
-        modulation = self.adaln_modulation(F.silu(conditioning))[:, None, :]
+    def compute_modulation(self, conditioning: torch.Tensor | None) -> torch.Tensor:
+        """`[batch or 1, 1, 6 * hidden]`: shift, scale, gate of attention, then of the MLP."""
+        if conditioning is None:
+            return self.modulation[None, None, :]
+        return self.adaln_modulation(F.silu(conditioning))[:, None, :]
+
+    def fold(self, conditioning: torch.Tensor) -> None:
+        """Replace the modulation MLP by its output for `conditioning` (`[1, hidden]`)."""
+        self.modulation = nn.Parameter(self.compute_modulation(conditioning).detach().flatten())
+        del self.adaln_modulation
+
+    def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor | None) -> torch.Tensor:
+        """hidden_states `[batch, tokens, hidden]`, conditioning `[batch or 1, hidden]` (None when folded) ->
+        `[batch, tokens, hidden]`."""
+        modulation = self.compute_modulation(conditioning)
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
         hidden_states = hidden_states + gate_attn * self.attention(self.norm1(hidden_states) * (1 + scale_attn) + shift_attn)
         hidden_states = hidden_states + gate_mlp * self.mlp(self.norm2(hidden_states) * (1 + scale_mlp) + shift_mlp)
@@ -170,14 +189,29 @@ class DiTBackbone(nn.Module):
         super().__init__()
         self.config = config
         self.patch_embed = nn.Conv2d(config.in_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
-        self.timestep_embedder = DiTTimestepEmbedding(config)
-        # Row `num_class_embeds` is the null ("unconditional") class of classifier-free guidance.
-        self.class_embedder = nn.Embedding(config.num_class_embeds + 1, config.hidden_size)
+        if not config.fold_conditioning:
+            self.timestep_embedder = DiTTimestepEmbedding(config)
+            # Row `num_class_embeds` is the null ("unconditional") class of classifier-free guidance.
+            self.class_embedder = nn.Embedding(config.num_class_embeds + 1, config.hidden_size)
         self.layers = nn.ModuleList(DiTBlock(config) for _ in range(config.num_hidden_layers))
 
-    def conditioning(self, timestep: int, device, dtype) -> torch.Tensor:
-        """The block conditioning `[1, hidden]` for `timestep` and the null class."""
+    @torch.no_grad()
+    def fold_conditioning(self) -> None:
+        """Bake the conditioning of (`feature_timestep`, null class) into every block; outputs are unchanged."""
+        if self.config.fold_conditioning:
+            return
+        conditioning = self.conditioning(self.config.feature_timestep, self.patch_embed.weight.device,
+                                         self.patch_embed.weight.dtype)
+        for block in self.layers:
+            block.fold(conditioning)
+        del self.timestep_embedder, self.class_embedder
+        self.config.fold_conditioning = True
+
+    def conditioning(self, timestep: int, device, dtype) -> torch.Tensor | None:
+        """The block conditioning `[1, hidden]` for `timestep` and the null class (None when folded)."""
         config = self.config
+        if config.fold_conditioning:
+            return None
         features = timestep_features(torch.tensor([timestep], device=device), config.frequency_embedding_size,
                                      config.timestep_freq_shift)
         null_class = torch.tensor([config.num_class_embeds], device=device)
@@ -490,11 +524,41 @@ class DiTDetectionPreTrainedModel(PreTrainedModel):
                 module.requires_grad_(False)
         return model
 
+    @classmethod
+    def from_diffusers(cls, name_or_path, vae=None, id2label=None, fold_conditioning: bool = False,
+                       hub_kwargs: dict | None = None, **config_overrides):
+        """A model whose DiT backbone and VAE encoder are a pretrained diffusers DiT; the neck and head are new.
+
+        Args:
+            name_or_path: Hub id or folder of a diffusers DiT pipeline (e.g. `"facebook/DiT-XL-2-256"`) or of a
+                lone `DiTTransformer2DModel`.
+            vae: an `AutoencoderKL` or its path, for a lone latent transformer (or to replace the pipeline's).
+            id2label: the detection classes, e.g. `{0: "person", 1: "car"}`.
+            fold_conditioning: fold the fixed conditioning into the blocks (see `fold_conditioning()`).
+            hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only` for the downloads.
+            config_overrides: any `DiTDetectionConfig` field that is not backbone geometry (`out_indices`,
+                `feature_timestep`, `num_queries`, ...). `num_hidden_layers` defaults to the deepest tap + 1.
+        """
+        from .convert_diffusers_dit import load_from_diffusers
+
+        return load_from_diffusers(cls, name_or_path, vae=vae, id2label=id2label,
+                                   fold_conditioning=fold_conditioning, hub_kwargs=hub_kwargs, **config_overrides)
+
+    def fold_conditioning(self) -> None:
+        """Replace every backbone block's adaLN MLP by the constant modulation it produces for
+        (`config.feature_timestep`, null class). Outputs stay identical; the backbone loses the MLPs and the
+        timestep and class embedders (about a third of DiT-XL/2's weights). `feature_timestep` is then fixed."""
+        for module in self.modules():
+            if isinstance(module, DiTBackbone):
+                module.fold_conditioning()
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # Children are initialised before their parents, so the special cases below override the generic init.
         super()._init_weights(module)
-        if isinstance(module, MultiScaleDeformableAttention):
+        if isinstance(module, DiTBlock) and hasattr(module, "modulation"):
+            init.normal_(module.modulation, std=self.config.initializer_range)
+        elif isinstance(module, MultiScaleDeformableAttention):
             init.zeros_(module.sampling_offsets.weight)
             angles = torch.arange(module.n_heads, dtype=torch.float32) * (2.0 * math.pi / module.n_heads)
             directions = torch.stack([angles.cos(), angles.sin()], -1)

@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written (```python blocks; ```py marks examples that need the Hub)."""
 
 import re
 from pathlib import Path
