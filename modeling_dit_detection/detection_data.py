@@ -1,0 +1,476 @@
+"""Data side of detection training: load any source into one schema, check it once, transform and collate batches.
+
+The canonical schema is cppe-5's. One record:
+
+    image_id  int64
+    image     datasets.Image()
+    width     int32   pixels of the displayed image (after EXIF orientation)
+    height    int32
+    objects   {"id": [int64], "area": [float32], "bbox": [[x, y, w, h] float32, COCO pixels], "category": [int64 0..K-1]}
+
+Training-side only: nothing here is needed at inference or travels to the Hub.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
+from PIL import ImageOps
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+logger = logging.getLogger(__name__)
+
+OBJECT_FEATURES = {
+    "id": List(Value("int64")),
+    "area": List(Value("float32")),
+    "bbox": List(List(Value("float32"), length=4)),
+    "category": List(Value("int64")),
+}
+CANONICAL_FEATURES = Features({"image_id": Value("int64"), "image": Image(), "width": Value("int32"),
+                               "height": Value("int32"), "objects": OBJECT_FEATURES})
+# Maps run on undecoded images ({"bytes", "path"}) so a corrupt file reaches our code instead of crashing the decoder.
+_UNDECODED_FEATURES = Features({**CANONICAL_FEATURES, "image": Image(decode=False)})
+SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
+SPLITS = ("train", "validation", "test")
+BBOX_FORMATS = ("coco", "pascal_voc", "yolo")
+# EXIF orientations 5-8 include a 90 degree rotation: `ImageOps.exif_transpose` swaps width and height.
+_ROTATED_ORIENTATIONS = (5, 6, 7, 8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_detection_dataset(dataset_name: str | None = None, dataset_config_name: str | None = None,
+                           coco_annotations: dict[str, str] | None = None, image_dir: str | None = None,
+                           bbox_format: str = "coco", validation_split_percentage: float = 0.15, seed: int = 42,
+                           cache_dir: str | None = None, token: str | bool | None = None,
+                           ) -> tuple[DatasetDict, dict[int, str]]:
+    """
+    Load a detection dataset into the canonical schema (module docstring).
+
+    Sources, told apart by their files: `dataset_name` a folder written by `save_to_disk`; a folder of images with
+    `metadata.jsonl` (imagefolder, optionally in train/ validation/ test/ subfolders); otherwise a Hub id (or any
+    path `load_dataset` reads). Or `coco_annotations` = {split: COCO instances json}, `file_name`s relative to
+    `image_dir` (default: the json's folder); COCO category ids are mapped to 0..K-1 in ascending id order, and
+    crowd annotations (`iscrowd=1`) are dropped, as the image processor would drop them anyway, so the schema
+    stays cppe-5's (the cost: a COCO-style evaluation on this data sees no crowd "ignore" regions).
+
+    Args:
+        bbox_format: how the source's boxes are written: "coco" (x, y, w, h pixels), "pascal_voc" (x0, y0, x1, y1
+            pixels) or "yolo" (cx, cy, w, h normalised to 0..1 by the image size). Output is always COCO pixels.
+        validation_split_percentage: fraction (0..1) of train carved out, with `seed`, when there is no validation
+            split; 0 leaves it absent.
+
+    Returns:
+        (splits among "train", "validation", "test"; id2label {0..K-1: name}).
+    """
+    if bbox_format not in BBOX_FORMATS:
+        raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}.")
+    if (dataset_name is None) == (coco_annotations is None):
+        raise ValueError("Give exactly one of dataset_name and coco_annotations.")
+    if coco_annotations is not None:
+        raw = _load_coco(coco_annotations, image_dir)
+    elif os.path.isfile(os.path.join(dataset_name, "dataset_dict.json")) or os.path.isfile(
+            os.path.join(dataset_name, "state.json")):
+        raw = datasets.load_from_disk(dataset_name)
+    elif os.path.isdir(dataset_name) and (os.path.isfile(os.path.join(dataset_name, "metadata.jsonl")) or any(
+            os.path.isfile(os.path.join(dataset_name, d, "metadata.jsonl")) for d in os.listdir(dataset_name))):
+        raw = datasets.load_dataset("imagefolder", data_dir=dataset_name, cache_dir=cache_dir)
+    else:
+        raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, token=token)
+
+    return prepare_detection_dataset(raw, bbox_format, validation_split_percentage, seed)
+
+
+def prepare_detection_dataset(raw: Dataset | DatasetDict, bbox_format: str = "coco",
+                              validation_split_percentage: float = 0.15, seed: int = 42,
+                              ) -> tuple[DatasetDict, dict[int, str]]:
+    """An already loaded `Dataset` (taken as train) or `DatasetDict` -> (canonical splits, id2label), as
+    `load_detection_dataset` returns them; split names val / valid / dev become validation."""
+    if bbox_format not in BBOX_FORMATS:
+        raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}.")
+    splits, id2label = _canonicalize(_rename_splits(raw), bbox_format)
+    if "validation" not in splits and validation_split_percentage > 0:
+        carved = splits["train"].train_test_split(test_size=validation_split_percentage, seed=seed)
+        splits["train"], splits["validation"] = carved["train"], carved["test"]
+    return splits, id2label
+
+
+def _rename_splits(raw: Dataset | DatasetDict) -> DatasetDict:
+    """Map split names to train / validation / test; a lone `Dataset` is train; other splits are dropped."""
+    if isinstance(raw, Dataset):
+        raw = DatasetDict({"train": raw})
+    splits = DatasetDict()
+    for name, split in raw.items():
+        canonical = SPLIT_ALIASES.get(name, name)
+        if canonical not in SPLITS:
+            logger.warning("Dropping split %r: only %s (or val/valid/dev) are used.", name, SPLITS)
+        elif canonical in splits:
+            raise ValueError(f"Two splits map to {canonical!r}: {list(raw)}.")
+        else:
+            splits[canonical] = split
+    if "train" not in splits:
+        raise ValueError(f"No train split among {list(raw)}.")
+    return splits
+
+
+def _load_coco(coco_annotations: dict[str, str], image_dir: str | None) -> DatasetDict:
+    """COCO instances jsons -> one `Dataset` per split, categories as a `ClassLabel` over contiguous ids."""
+    splits, categories = {}, None
+    for split, path in coco_annotations.items():
+        with open(path) as file:
+            coco = json.load(file)
+        split_categories = sorted((c["id"], c["name"]) for c in coco["categories"])
+        if categories is None:
+            categories = split_categories
+        elif split_categories != categories:
+            raise ValueError(f"{path}: categories differ from the other splits' ({categories}).")
+        index = {category_id: i for i, (category_id, _) in enumerate(categories)}
+        by_image = defaultdict(list)
+        for ann in coco["annotations"]:
+            if ann["category_id"] not in index:
+                raise ValueError(f"{path}: annotation {ann.get('id')} has category_id {ann['category_id']}, "
+                                 f"not among the categories {sorted(index)}.")
+            if not ann.get("iscrowd", 0):
+                by_image[ann["image_id"]].append(ann)
+        root = image_dir if image_dir is not None else os.path.dirname(os.path.abspath(path))
+        rows = [{"image_id": image["id"], "image": os.path.join(root, image["file_name"]),
+                 "width": image.get("width"), "height": image.get("height"),
+                 "objects": {"id": [a["id"] for a in anns], "area": [a.get("area", a["bbox"][2] * a["bbox"][3])
+                                                                     for a in anns],
+                             "bbox": [a["bbox"] for a in anns], "category": [index[a["category_id"]] for a in anns]}}
+                for image in coco["images"] for anns in [by_image.get(image["id"], [])]]
+        names = [name for _, name in categories]
+        features = Features({**CANONICAL_FEATURES,
+                             "objects": {**OBJECT_FEATURES, "category": List(ClassLabel(names=names))}})
+        splits[split] = Dataset.from_list(rows, features=features)
+    return DatasetDict(splits)
+
+
+def _canonicalize(splits: DatasetDict, bbox_format: str) -> tuple[DatasetDict, dict[int, str]]:
+    """Every split to the canonical schema; label names from a `ClassLabel`, from strings, or "0".."K-1"."""
+    first = next(iter(splits.values()))
+    missing = {"image", "objects"} - set(first.column_names)
+    if missing:
+        raise ValueError(f"The dataset has no {sorted(missing)} column(s); columns: {first.column_names}.")
+    # `objects` is a dict of lists (cppe-5, `Sequence({...})`) or a list of dicts (`List({...})`).
+    objects_feature = first.features["objects"]
+    inner = objects_feature.feature if isinstance(objects_feature, List) else objects_feature
+    key = "category" if "category" in inner else "categories"
+    if key not in inner or "bbox" not in inner:
+        raise ValueError(f"objects must hold 'bbox' and 'category' (or 'categories'); it holds {list(inner)}.")
+    category_feature = inner[key].feature if isinstance(inner[key], List) else inner[key]
+
+    lookup = None
+    if isinstance(category_feature, ClassLabel):
+        names = category_feature.names
+    else:
+        values = {c for split in splits.values() for objects in split["objects"]
+                  for c in _dict_of_lists(objects).get(key, [])}
+        if category_feature.dtype == "string":
+            names = sorted(values)
+            lookup = {name: i for i, name in enumerate(names)}
+        else:
+            names = [str(i) for i in range(max(values, default=-1) + 1)]
+
+    canonical = DatasetDict({name: _canonical_split(split, name, bbox_format, key, lookup, "id" not in inner)
+                             for name, split in splits.items()})
+    return canonical, dict(enumerate(names))
+
+
+def _canonical_split(dataset: Dataset, split: str, bbox_format: str, key: str, lookup: dict[str, int] | None,
+                     number_objects: bool) -> Dataset:
+    """One `map` to the canonical schema: boxes to COCO pixels, categories to ints, missing fields filled."""
+    if number_objects:  # no object ids: number the objects of the split 0, 1, ... in row order
+        lengths = [len(_dict_of_lists(objects).get("bbox", [])) for objects in dataset["objects"]]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+
+    def convert(example, index):
+        objects = _dict_of_lists(example["objects"])
+        width, height = example.get("width"), example.get("height")
+        if width is None or height is None:
+            width, height = _displayed_size_or_zero(example["image"])
+        boxes = []
+        for j, box in enumerate(objects.get("bbox", [])):
+            if box is None or len(box) != 4:
+                raise ValueError(f"Split {split!r}, row {index}, image_id {example.get('image_id', index)}, "
+                                 f"object {j}: bbox must be 4 numbers, got {box!r}.")
+            boxes.append(_to_coco([math.nan if v is None else float(v) for v in box], bbox_format, width, height))
+        categories = objects.get(key, [])
+        ids = objects["id"] if not number_objects else list(range(offsets[index], offsets[index] + len(boxes)))
+        return {"image_id": example.get("image_id", index), "width": width, "height": height,
+                "objects": {"id": ids, "area": objects.get("area") or [w * h for _, _, w, h in boxes],
+                            "bbox": boxes, "category": [lookup[c] for c in categories] if lookup else categories}}
+
+    undecoded = dataset.cast_column("image", Image(decode=False))
+    converted = undecoded.map(convert, with_indices=True, features=_UNDECODED_FEATURES,
+                              remove_columns=[c for c in dataset.column_names if c != "image"],
+                              desc=f"Converting {split} to the canonical schema")
+    return converted.cast_column("image", Image())
+
+
+def _dict_of_lists(objects) -> dict[str, list]:
+    """`objects` as a dict of lists, whether stored as one (cppe-5) or as a list of per-object dicts."""
+    if isinstance(objects, dict):
+        return objects
+    return {k: [o[k] for o in objects] for k in (objects[0] if objects else {})}
+
+
+def _to_coco(box: list[float], bbox_format: str, width: int, height: int) -> list[float]:
+    """One box in `bbox_format` -> x, y, w, h pixels (`width`, `height`: the image size, used by yolo only)."""
+    a, b, c, d = box
+    if bbox_format == "pascal_voc":
+        return [a, b, c - a, d - b]
+    if bbox_format == "yolo":
+        return [(a - c / 2) * width, (b - d / 2) * height, c * width, d * height]
+    return [a, b, c, d]
+
+
+def _open_image(value: dict | None) -> PIL.Image.Image:
+    """Open an undecoded `datasets.Image` value ({"bytes", "path"}); PIL reads the header only until `.load()`."""
+    if value is None or (value.get("bytes") is None and value.get("path") is None):
+        raise ValueError("no image bytes or path")
+    return PIL.Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"])
+
+
+def _displayed_size(image: PIL.Image.Image) -> tuple[int, int]:
+    """(width, height) of `image` as displayed, i.e. after `ImageOps.exif_transpose`, without transposing it."""
+    width, height = image.size
+    rotated = image.getexif().get(PIL.Image.ExifTags.Base.Orientation, 1) in _ROTATED_ORIENTATIONS
+    return (height, width) if rotated else (width, height)
+
+
+def _displayed_size_or_zero(value: dict | None) -> tuple[int, int]:
+    """Displayed size from the image header; (0, 0) when unreadable, which `clean_split` reports as a bad image."""
+    try:
+        return _displayed_size(_open_image(value))
+    except Exception:  # any decoder failure: the cleaning pass names the record
+        return 0, 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Validation and cleaning
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DataReport:
+    """What the cleaning pass fixed or skipped: `counts[(split, issue)]`, and the first image_ids per issue.
+
+    Issues: "bad_image" (skipped), "exif_transposed", "size_fixed" (stored width/height were wrong), "box_clipped",
+    "box_outside", "box_empty" (w or h <= 0), "box_non_finite" (dropped), "no_objects" (kept) and "mode_<MODE>" for
+    images that are not RGB. Box issues count boxes, the others count images.
+    """
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=lambda: defaultdict(list))
+    max_examples: int = 5
+
+    def add(self, split: str, issue: str, image_id: int) -> None:
+        self.counts[(split, issue)] += 1
+        ids = self.examples[(split, issue)]
+        if len(ids) < self.max_examples and image_id not in ids:
+            ids.append(image_id)
+
+    def total(self, issue: str) -> int:
+        """Count of `issue` over all splits."""
+        return sum(n for (_, name), n in self.counts.items() if name == issue)
+
+    def summary(self) -> str:
+        """One line per (split, issue): count and the first image_ids."""
+        if not self.counts:
+            return "Data check: no issues."
+        lines = ["Data check:"]
+        for (split, issue), n in sorted(self.counts.items()):
+            ids = ", ".join(str(i) for i in self.examples[(split, issue)])
+            lines.append(f"  {split}: {issue}: {n} (e.g. image_id {ids})")
+        return "\n".join(lines)
+
+
+def clean_split(dataset: Dataset, num_labels: int, split: str, report: DataReport, skip_bad_images: bool = False,
+                num_proc: int | None = None) -> Dataset:
+    """
+    Check and fix one canonical split in a single `map` pass that decodes every image once.
+
+    Fixes (counted in `report`): width/height set to the displayed (EXIF-transposed) size; boxes clipped to the
+    image; boxes outside it, with w or h <= 0 or with non-finite coordinates dropped. Images without objects are
+    kept. Raises `ValueError` naming split, row and image_id for an undecodable image (unless `skip_bad_images`:
+    then the record is dropped and counted), a category outside 0..num_labels-1, or object lists of unequal length.
+    """
+    undecoded = dataset.cast_column("image", Image(decode=False))
+    features = Features({**undecoded.features, "_issues": List(Value("string"))})
+    checked = undecoded.map(_clean_record, with_indices=True, features=features, num_proc=num_proc,
+                            fn_kwargs={"num_labels": num_labels, "split": split, "skip_bad_images": skip_bad_images},
+                            desc=f"Checking {split}")
+    keep = []
+    for row, (image_id, issues) in enumerate(zip(checked["image_id"], checked["_issues"])):
+        for issue in issues:
+            report.add(split, issue, image_id)
+        if "bad_image" not in issues:
+            keep.append(row)
+    if len(keep) < len(checked):
+        checked = checked.select(keep)
+    return checked.remove_columns("_issues").cast_column("image", Image())
+
+
+def _clean_record(example: dict, index: int, num_labels: int, split: str, skip_bad_images: bool) -> dict:
+    where = f"Split {split!r}, row {index}, image_id {example['image_id']}"
+    objects = example["objects"]
+    lengths = {k: len(v) for k, v in objects.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{where}: the objects' lists differ in length {lengths} (one category per bbox expected).")
+    for j, category in enumerate(objects["category"]):
+        if not 0 <= category < num_labels:
+            raise ValueError(f"{where}, object {j}: category {category} outside 0..{num_labels - 1}.")
+    try:
+        image = _open_image(example["image"])
+        image.load()  # full decode: a truncated file fails here, not at training step 10k
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... depending on the codec
+        if not skip_bad_images:
+            raise ValueError(f"{where}: cannot decode the image ({type(error).__name__}: {error}).") from error
+        return {"_issues": ["bad_image"]}
+
+    issues = [] if image.mode == "RGB" else [f"mode_{image.mode}"]
+    if image.getexif().get(PIL.Image.ExifTags.Base.Orientation, 1) != 1:
+        issues.append("exif_transposed")
+    width, height = _displayed_size(image)  # boxes refer to the displayed image
+    if (example["width"], example["height"]) not in ((width, height), image.size):  # image.size: before transpose
+        issues.append("size_fixed")
+
+    kept = {k: [] for k in objects}
+    for j, (x, y, w, h) in enumerate(objects["bbox"]):
+        if not all(v is not None and math.isfinite(v) for v in (x, y, w, h)):
+            issues.append("box_non_finite")
+            continue
+        if w <= 0 or h <= 0:
+            issues.append("box_empty")
+            continue
+        x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+        if x1 <= x0 or y1 <= y0:
+            issues.append("box_outside")
+            continue
+        for k in objects:
+            kept[k].append(objects[k][j])
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            issues.append("box_clipped")
+            kept["bbox"][-1] = [x0, y0, x1 - x0, y1 - y0]
+            kept["area"][-1] *= (x1 - x0) * (y1 - y0) / (w * h)  # keep a mask area a mask area, scaled
+    if not kept["bbox"]:
+        issues.append("no_objects")
+    return {"width": width, "height": height, "objects": kept, "_issues": issues}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Transforms and collation
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """
+    The displayed image as 8-bit RGB: EXIF orientation applied; transparency composited on white (transparent areas
+    are background, and their hidden colour is often garbage); 16/32-bit integer images scaled (65535 -> 255, not
+    clipped); float images read as 0..1 when they fit, else clipped to 0..255.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        image = PIL.Image.fromarray(_to_uint8(np.asarray(image)))
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = PIL.Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Single-channel integer or float pixels -> uint8 (16-bit range scaled by 255/65535)."""
+    if array.dtype.kind == "f":
+        array = array * 255.0 if array.min() >= 0 and array.max() <= 1 else array
+        return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    if array.min() >= 0 and array.max() <= 65535:  # 16-bit data, also when PIL stores it as 32-bit "I"
+        return np.rint(array / 257.0).astype(np.uint8)
+    low, high = float(array.min()), float(array.max())  # wider integer range: stretch linearly
+    return np.rint((array - low) * 255.0 / max(high - low, 1.0)).astype(np.uint8)
+
+
+def make_train_augmentation(image_size: tuple[int, int]) -> v2.Transform:
+    """
+    Training augmentation on {"image", "boxes" (`BoundingBoxes`), "labels"}; boxes stay valid and aligned to labels.
+
+    Horizontal flip (p=0.5); zoom out (p=0.3, canvas up to 2x, mid-grey fill = 0 after the processor's [-1, 1]
+    normalisation); SSD IoU crop (p=0.5; scale 0.3..1 per side, min IoU drawn from {0, .1, .3, .5, .7, .9, no crop});
+    resize to `image_size` (height, width), where SanitizeBoundingBoxes then drops boxes under 1 pixel (as the model
+    sees them) with their labels; colour jitter (p=0.8; mild hue so class colours stay themselves).
+    """
+    return v2.Compose([
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.RandomZoomOut(fill=128, side_range=(1.0, 2.0), p=0.3),
+        v2.RandomApply([v2.RandomIoUCrop(min_scale=0.3)], p=0.5),
+        v2.Resize(tuple(image_size)),
+        v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02)], p=0.8),
+        v2.SanitizeBoundingBoxes(min_size=1.0),
+    ])
+
+
+class DetectionTransform:
+    """
+    Batch transform for `dataset.with_transform`: canonical records -> processor inputs.
+
+    Images go through `load_rgb`, then the optional `augmentation` (boxes as XYWH `BoundingBoxes` with the labels
+    alongside), then `image_processor` (fixed-size resize, normalisation, boxes to cx, cy, w, h normalised by the
+    size of the image the boxes refer to: the augmented image, or the original one without augmentation).
+    """
+
+    def __init__(self, image_processor, augmentation: v2.Transform | None = None):
+        self.image_processor = image_processor
+        self.augmentation = augmentation
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        """Returns {"pixel_values": [`[3, H, W]` float tensor per example], "labels": [dict per example]}."""
+        images, annotations = [], []
+        for image, image_id, objects in zip(batch["image"], batch["image_id"], batch["objects"]):
+            image = load_rgb(image)
+            boxes, categories = objects["bbox"], objects["category"]
+            if self.augmentation is not None:
+                image, boxes, categories = self._augment(image, boxes, categories)
+            images.append(image)
+            annotations.append({"image_id": image_id, "annotations": [
+                {"bbox": list(box), "category_id": int(category), "area": box[2] * box[3], "iscrowd": 0}
+                for box, category in zip(boxes, categories)]})
+        encoded = self.image_processor(images=images, annotations=annotations, return_tensors="pt")
+        return {"pixel_values": list(encoded["pixel_values"]), "labels": encoded["labels"]}
+
+    def _augment(self, image: PIL.Image.Image, boxes: list, categories: list):
+        sample = self.augmentation({
+            "image": tv_tensors.Image(F.pil_to_tensor(image)),
+            "boxes": tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), format="XYWH",
+                                              canvas_size=(image.height, image.width)),
+            "labels": torch.tensor(categories, dtype=torch.int64),  # found by SanitizeBoundingBoxes' labels_getter
+        })
+        return sample["image"].as_subclass(torch.Tensor), sample["boxes"].tolist(), sample["labels"].tolist()
+
+
+def collate_fn(examples: list[dict]) -> dict:
+    """[{"pixel_values": `[3, H, W]`, "labels": dict}] -> {"pixel_values": `[B, 3, H, W]`, "labels": list of B dicts}."""
+    return {"pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+            "labels": [example["labels"] for example in examples]}
+
+
+__all__ = ["CANONICAL_FEATURES", "DataReport", "DetectionTransform", "clean_split", "collate_fn",
+           "load_detection_dataset", "load_rgb", "make_train_augmentation",
+           "prepare_detection_dataset"]

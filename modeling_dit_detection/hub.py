@@ -1,0 +1,38 @@
+"""Publishing a trained detector folder to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from pathlib import Path
+
+from huggingface_hub import HfApi
+
+logger = logging.getLogger(__name__)
+
+# Training state that does not belong in a model repo: checkpoints (optimizer states included) and the stage-one
+# weights. The TensorBoard logs under stage*/runs/ are uploaded: the Hub shows them in a "Training metrics" tab.
+IGNORE_PATTERNS = ["stage*/checkpoint-*/**", "stage1/final/**", "checkpoint-*/**"]
+
+
+def push_folder_to_hub(folder, repo_id: str, token: str | None = None, private: bool | None = None,
+                       commit_message: str = "Upload DiT object detector", api: HfApi | None = None) -> str | None:
+    """Create `repo_id` if needed and upload `folder` (model, processor, code, card, metrics, preview, logs).
+
+    A failed upload never touches the local folder; it is logged with the command that retries it, and None is
+    returned instead of the commit URL.
+    """
+    api = api or HfApi(token=token)
+    folder = Path(folder)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                                   ignore_patterns=IGNORE_PATTERNS, repo_type="model")
+    except Exception as error:  # network, auth, quota: the trained model must survive any of them
+        retry = (f"hf upload {shlex.quote(repo_id)} {shlex.quote(str(folder))} . --repo-type model "
+                 + " ".join(f"--exclude {shlex.quote(pattern)}" for pattern in IGNORE_PATTERNS))
+        logger.error("Pushing %s to the Hub failed (%s: %s). The local output is intact; retry with:\n  %s",
+                     folder, type(error).__name__, error, retry)
+        return None
+    logger.info("Pushed %s to %s", folder, commit)
+    return str(commit)

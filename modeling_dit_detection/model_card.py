@@ -1,0 +1,120 @@
+"""Model cards of trained detectors, rendered from the Jinja template in `model_cards/` with huggingface_hub."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .configuration_dit_detection import DiTDetectionConfig
+
+SUMMARY_METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
+# The metric names of the `model-index` results, as the Hub's leaderboards read them.
+MODEL_INDEX_METRICS = {"map": "mAP", "map_50": "mAP@0.5", "map_75": "mAP@0.75"}
+
+
+@dataclass
+class TrainingSummary:
+    """What the card says about how the model was made. `metrics` are the Trainer's, prefixed `eval_` / `test_`."""
+
+    model_name: str
+    dataset_name: str
+    metrics: dict
+    repo_id: str | None = None
+    base_model: str | None = None
+    license: str = "apache-2.0"
+    num_train_images: int = 0
+    num_eval_images: int = 0
+    freeze_backbone_epochs: float = 0
+    stage_two_epochs: float = 0
+    unfreeze_last_blocks: int | None = None
+    backbone_learning_rate: float | None = None
+    layer_decay: float = 1.0
+    hyperparameters: dict = field(default_factory=dict)
+    data_report: str = ""
+    compute_description: str = ""
+    tags: list[str] = field(default_factory=list)
+
+
+def _metric_split(metrics: dict) -> str:
+    return "test" if metrics.get("test_map") is not None else "eval"
+
+
+def render_model_card(config: DiTDetectionConfig, summary: TrainingSummary, template_path: str | Path) -> ModelCard:
+    """The card of a trained detector: YAML metadata (library, pipeline tag, license, base model, dataset, tags,
+    `model-index` with the mAP results) and the sections of the template (`model_cards/template.md` of the
+    repository, which run_detection.py passes)."""
+    split = _metric_split(summary.metrics)
+    metrics = {key.removeprefix(f"{split}_"): value for key, value in summary.metrics.items() if key.startswith(f"{split}_")}
+    eval_results = [
+        EvalResult(task_type="object-detection", task_name="Object Detection", dataset_type=summary.dataset_name,
+                   dataset_name=summary.dataset_name, dataset_split="test" if split == "test" else "validation",
+                   metric_type=name, metric_name=label, metric_value=round(float(metrics[name]), 4))
+        for name, label in MODEL_INDEX_METRICS.items() if metrics.get(name) is not None
+    ]
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="object-detection",
+        license=summary.license,
+        base_model=summary.base_model,
+        datasets=[summary.dataset_name] if "/" in summary.dataset_name else None,
+        tags=["object-detection", "dit", "diffusion-transformer", "detr", *summary.tags],
+        model_name=summary.model_name,
+        eval_results=eval_results or None,
+    )
+    class_names = set(config.id2label.values())
+    per_class = [(key.removeprefix("map_"), value) for key, value in metrics.items()
+                 if key.startswith("map_") and key.removeprefix("map_") in class_names]
+    backbone = (f"DiT with {config.num_hidden_layers} blocks used, hidden size {config.hidden_size}, "
+                f"{config.num_attention_heads} heads, patch {config.patch_size}")
+    backbone += (f", on the latents of a frozen VAE encoder (x{config.vae_downsample_factor})" if config.vae_config
+                 else ", in pixel space")
+    stage_two_scope = ("the whole DiT" if summary.unfreeze_last_blocks is None
+                       else f"the last {summary.unfreeze_last_blocks} DiT blocks")
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=summary.model_name,
+        repo_id=summary.repo_id or summary.model_name,
+        base_model=summary.base_model,
+        dataset_name=summary.dataset_name,
+        metrics={f"{split}_{key}": value for key, value in metrics.items()} if split == "test" else {},
+        backbone_description=backbone,
+        feature_timestep=config.feature_timestep,
+        out_indices=list(config.out_indices),
+        fold_conditioning=config.fold_conditioning,
+        pyramid_scales=list(config.pyramid_scales),
+        num_queries=config.num_queries,
+        decoder_layers=config.decoder_layers,
+        num_query_groups=config.num_query_groups,
+        image_size=list(config.image_size),
+        stride=config.backbone_stride,
+        id2label=config.id2label,
+        num_train_images=summary.num_train_images,
+        num_eval_images=summary.num_eval_images,
+        data_report=summary.data_report,
+        freeze_backbone_epochs=summary.freeze_backbone_epochs,
+        stage_two_epochs=summary.stage_two_epochs,
+        stage_two_scope=stage_two_scope,
+        backbone_learning_rate=summary.backbone_learning_rate,
+        layer_decay=summary.layer_decay,
+        hyperparameters=summary.hyperparameters,
+        evaluation_table=[(key, metrics[key]) for key in SUMMARY_METRICS if metrics.get(key) is not None],
+        per_class_table=per_class,
+        compute_description=summary.compute_description or f"Trained on {platform.machine()} ({platform.system()}).",
+        framework_versions=_framework_versions(),
+    )
+
+
+def _framework_versions() -> dict[str, str]:
+    import importlib.metadata
+
+    versions = {}
+    for name in ("transformers", "torch", "torchvision", "diffusers", "datasets", "accelerate"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions

@@ -1,0 +1,95 @@
+"""Two-stage fine-tuning with transformers' `Trainer`: what is trainable in each stage, and the optimiser groups.
+
+Stage one trains the neck and head on a frozen DiT; stage two also trains the backbone (all of it, or its last
+blocks) at a smaller, layer-wise decayed learning rate. Each stage is its own `Trainer`, so each is its own DDP
+wrap: a parameter that starts requiring gradients after DDP wrapped the model would never be all-reduced.
+The VAE encoder is always frozen.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+from transformers import Trainer
+
+from .modeling_dit_detection import DiTBackbone, DiTDetectionVAEEncoder
+
+_BLOCK = re.compile(r"(?:^|\.)backbone\.layers\.(\d+)\.")
+
+
+def _backbone(model: nn.Module) -> DiTBackbone:
+    return next(module for module in model.modules() if isinstance(module, DiTBackbone))
+
+
+def set_trainable(model: nn.Module, train_backbone: bool, unfreeze_last_blocks: int | None = None) -> None:
+    """Freeze or unfreeze the backbone. With `unfreeze_last_blocks=K`, only its last K blocks train (the patch
+    embedding, the conditioning and the earlier blocks stay frozen). Everything outside the backbone trains,
+    except the VAE encoder, which never does."""
+    backbone = _backbone(model)
+    model.requires_grad_(True)
+    for module in model.modules():
+        if isinstance(module, DiTDetectionVAEEncoder):
+            module.requires_grad_(False)
+    backbone.requires_grad_(False)
+    if not train_backbone:
+        return
+    num_blocks = len(backbone.layers)
+    first = 0 if unfreeze_last_blocks is None else max(0, num_blocks - unfreeze_last_blocks)
+    if first == 0:
+        backbone.requires_grad_(True)
+    else:
+        for block in backbone.layers[first:]:
+            block.requires_grad_(True)
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+
+
+def backbone_lr_scale(name: str, num_blocks: int, layer_decay: float) -> float | None:
+    """Learning-rate factor of a backbone parameter relative to the backbone learning rate: `layer_decay ** d`,
+    d = blocks between it and the last block (embeddings count as one below block 0). None if not backbone."""
+    if ".backbone." not in f".{name}":
+        return None
+    match = _BLOCK.search(name)
+    depth = num_blocks - 1 - int(match.group(1)) if match else num_blocks
+    return layer_decay**depth
+
+
+def parameter_groups(model: nn.Module, learning_rate: float, backbone_learning_rate: float, layer_decay: float,
+                     weight_decay: float, decay_parameter_names: set[str]) -> list[dict]:
+    """Optimiser groups of the trainable parameters: the head at `learning_rate`, backbone parameters at
+    `backbone_learning_rate * layer_decay ** depth`; weight decay only for `decay_parameter_names`."""
+    num_blocks = len(_backbone(model).layers)
+    groups: dict[tuple[float, float], list] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        scale = backbone_lr_scale(name, num_blocks, layer_decay)
+        lr = learning_rate if scale is None else backbone_learning_rate * scale
+        decay = weight_decay if name in decay_parameter_names else 0.0
+        groups.setdefault((lr, decay), []).append(parameter)
+    # Highest learning rate first: the Trainer logs the first group's rate, which should be the head's.
+    ordered = sorted(groups.items(), key=lambda item: -item[0][0])
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in ordered]
+
+
+class DetectionTrainer(Trainer):
+    """`Trainer` whose optimiser gives the backbone its own, layer-wise decayed learning rate."""
+
+    def __init__(self, *args, backbone_learning_rate: float | None = None, layer_decay: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backbone_learning_rate = backbone_learning_rate
+        self.layer_decay = layer_decay
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)  # every group carries its own
+            backbone_lr = self.backbone_learning_rate or self.args.learning_rate
+            groups = parameter_groups(model, self.args.learning_rate, backbone_lr, self.layer_decay,
+                                      self.args.weight_decay, set(self.get_decay_parameter_names(model)))
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer

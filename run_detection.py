@@ -1,0 +1,390 @@
+#!/usr/bin/env python
+"""Fine-tune a DiT into an object detector with transformers' Trainer, in two stages, and evaluate COCO mAP.
+
+    python run_detection.py --output_dir outputs/synthetic                      # built-in data, no network
+    accelerate launch run_detection.py --model_name_or_path facebook/DiT-XL-2-256 \\
+        --dataset_name cppe-5 --output_dir dit-xl-cppe5 --push_to_hub
+
+All options: `python run_detection.py --help`. One JSON or YAML file may hold them all:
+`python run_detection.py config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from modeling_dit_detection import DiTDetectionConfig, DiTDetectionImageProcessor, DiTForObjectDetection
+from modeling_dit_detection.coco_metric import DetectionEvaluator
+from modeling_dit_detection.convert_diffusers_dit import checkpoint_kind
+from modeling_dit_detection.detection_data import (
+    DataReport,
+    DetectionTransform,
+    clean_split,
+    collate_fn,
+    load_detection_dataset,
+    load_rgb,
+    make_train_augmentation,
+    prepare_detection_dataset,
+)
+from modeling_dit_detection.hub import push_folder_to_hub
+from modeling_dit_detection.model_card import TrainingSummary, render_model_card
+from modeling_dit_detection.synthetic_data import make_synthetic_detection_dataset
+from modeling_dit_detection.training import DetectionTrainer, count_trainable, set_trainable
+from modeling_dit_detection.visualization import detection_grid
+
+logger = logging.getLogger("run_detection")
+CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "template.md"
+
+# The embedded default: a small pixel-space DiT trained from scratch on the built-in synthetic shapes.
+SYNTHETIC_MODEL = {
+    "hidden_size": 96, "num_hidden_layers": 6, "num_attention_heads": 4, "patch_size": 4, "in_channels": 3,
+    "vae_config": None, "image_size": (64, 64), "out_indices": (3, 5), "num_class_embeds": 1,
+    "frequency_embedding_size": 64, "feature_timestep": 0, "d_model": 96, "pyramid_scales": (2.0, 1.0, 0.5),
+    "num_queries": 20, "num_query_groups": 4, "decoder_layers": 3, "decoder_attention_heads": 4,
+    "decoder_ffn_dim": 256, "decoder_n_points": 4,
+}
+# It starts from random weights, so there is nothing to protect by freezing the backbone or lowering its learning rate.
+SYNTHETIC_DEFAULTS = {"num_train_epochs": 12, "learning_rate": 1e-3, "per_device_train_batch_size": 16,
+                      "per_device_eval_batch_size": 32, "weight_decay": 1e-4, "warmup_steps": 50,
+                      "max_grad_norm": 1.0, "freeze_backbone_epochs": 0, "backbone_learning_rate": 1e-3,
+                      "layer_decay": 1.0}
+# Defaults of this script that differ from TrainingArguments'; anything given on the command line wins.
+TRAINING_DEFAULTS = {
+    "remove_unused_columns": False,  # the transform needs the image and objects columns
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "save_total_limit": 2,
+    "logging_strategy": "steps",
+    "logging_steps": 10,
+    "metric_for_best_model": "map",
+    "batch_eval_metrics": True,  # metrics per batch: only top-k detections are kept (transformers#34675)
+    "eval_use_gather_object": True,  # per-image label dicts of any size gather across processes (#25939)
+    "report_to": "tensorboard",
+    "learning_rate": 1e-4,
+    "weight_decay": 1e-4,
+    "max_grad_norm": 0.1,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "seed": 42,
+    "dataloader_pin_memory": torch.cuda.is_available(),
+}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "A diffusers DiT (pipeline such as facebook/DiT-XL-2-256, or a DiTTransformer2DModel), or a saved "
+                "DiTForObjectDetection: Hub id or folder; which one is read from its files. Without it, a new DiT "
+                "is built from --model_preset (random weights: for smoke tests and the built-in data only)."})
+    vae_name_or_path: str | None = field(default=None, metadata={
+        "help": "AutoencoderKL (Hub id or folder) for a latent DiT given as a lone transformer."})
+    model_preset: str | None = field(default=None, metadata={
+        "help": "Without --model_name_or_path: a DiTDetectionConfig preset (tiny, tiny-latent, DiT-S/2, ...). "
+                "Default: a small pixel-space DiT sized for the built-in data."})
+    image_size: str | None = field(default=None, metadata={
+        "help": "Input size: '512' or 'HEIGHT,WIDTH', multiples of the backbone stride. Default: the checkpoint's."})
+    feature_timestep: int | None = field(default=None, metadata={
+        "help": "Diffusion timestep at which the DiT features are read (0 = clean). Default: the config's (100)."})
+    out_indices: str | None = field(default=None, metadata={
+        "help": "Comma-separated 0-based DiT blocks to tap, e.g. '13,17,20'. Default: at 1/2, 5/8, 3/4 depth."})
+    num_queries: int | None = field(default=None, metadata={"help": "Object queries at inference."})
+    fold_conditioning: bool = field(default=False, metadata={
+        "help": "Fold the fixed adaLN conditioning into each DiT block: a third fewer backbone weights, same outputs."})
+    config_overrides: str | None = field(default=None, metadata={
+        "help": "JSON of further DiTDetectionConfig fields, e.g. '{\"decoder_layers\": 6, \"num_query_groups\": 13}'."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "A Hub dataset id (cppe-5 schema, e.g. 'cppe-5'), a folder written by save_to_disk, or an imagefolder "
+                "with metadata.jsonl. Without any dataset option, the built-in synthetic shapes are used."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+    coco_annotations: str | None = field(default=None, metadata={
+        "help": "COCO instances json: 'train=a.json,validation=b.json[,test=c.json]' or one path (train only)."})
+    image_dir: str | None = field(default=None, metadata={"help": "Folder the COCO json's file_name entries are in."})
+    bbox_format: str = field(default="coco", metadata={
+        "help": "Box format of the data: coco (x, y, w, h pixels), pascal_voc (x0, y0, x1, y1 pixels) or yolo "
+                "(cx, cy, w, h normalised).", "choices": ["coco", "pascal_voc", "yolo"]})
+    validation_split_percentage: float = field(default=0.15, metadata={
+        "help": "Fraction of train held out for validation when the data has no validation split."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Use at most this many validation and test images."})
+    skip_bad_images: bool = field(default=False, metadata={
+        "help": "Skip (and count) images that cannot be decoded instead of stopping with an error."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={
+        "help": "Processes for the validation pass over the data."})
+    synthetic_train_size: int = field(default=1200, metadata={"help": "Built-in data: training images."})
+    synthetic_eval_size: int = field(default=150, metadata={"help": "Built-in data: validation and test images each."})
+    preview_images: int = field(default=8, metadata={"help": "Validation images drawn into predictions_preview.png."})
+    preview_threshold: float = field(default=0.3, metadata={"help": "Score threshold of the preview's boxes."})
+
+
+@dataclass
+class StageArguments:
+    freeze_backbone_epochs: float = field(default=1.0, metadata={
+        "help": "Stage one: epochs training neck and head on a frozen DiT (0 skips it); the rest of "
+                "--num_train_epochs is stage two."})
+    unfreeze_last_blocks: int | None = field(default=None, metadata={
+        "help": "Stage two trains only the last K DiT blocks (default: the whole DiT). The VAE stays frozen."})
+    backbone_learning_rate: float | None = field(default=None, metadata={
+        "help": "Stage two learning rate of the last DiT block (default: --learning_rate / 10)."})
+    layer_decay: float = field(default=0.9, metadata={
+        "help": "Stage two: each earlier DiT block learns at this factor of the next one's rate."})
+
+
+def parse_arguments(argv: list[str]):
+    parser = HfArgumentParser((ModelArguments, DataArguments, StageArguments, TrainingArguments))
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        path = Path(argv[0])
+        given = json.loads(path.read_text()) if path.suffix == ".json" else _read_yaml(path)
+    else:
+        given = {key: True for key in _flags(argv)}  # only which options were given matters here
+    synthetic = not any(given.get(key) for key in ("dataset_name", "coco_annotations"))
+    defaults = {**TRAINING_DEFAULTS, **(SYNTHETIC_DEFAULTS if synthetic else {})}
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        return parser.parse_dict({**defaults, **given})
+    parser.set_defaults(**defaults)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _flags(argv: list[str]) -> list[str]:
+    return [arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")]
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def load_data(data_args: DataArguments, seed: int):
+    """(DatasetDict with train / validation / maybe test, id2label, dataset name for the card)."""
+    if data_args.dataset_name or data_args.coco_annotations:
+        coco = None
+        if data_args.coco_annotations:
+            parts = [part.split("=", 1) for part in data_args.coco_annotations.split(",")]
+            coco = {part[0]: part[1] for part in parts} if all(len(p) == 2 for p in parts) else {"train": parts[0][0]}
+        dataset, id2label = load_detection_dataset(
+            dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
+            coco_annotations=coco, image_dir=data_args.image_dir, bbox_format=data_args.bbox_format,
+            validation_split_percentage=data_args.validation_split_percentage, seed=seed)
+        name = data_args.dataset_name or Path(next(iter(coco.values()))).stem
+        return dataset, id2label, name
+    logger.info("No dataset given: using the built-in synthetic shapes (%d train, %d validation, %d test images).",
+                data_args.synthetic_train_size, data_args.synthetic_eval_size, data_args.synthetic_eval_size)
+    generated = make_synthetic_detection_dataset(num_train=data_args.synthetic_train_size,
+                                                 num_validation=data_args.synthetic_eval_size,
+                                                 num_test=data_args.synthetic_eval_size, image_size=64, seed=seed)
+    dataset, id2label = prepare_detection_dataset(generated)
+    return dataset, id2label, "synthetic-shapes"
+
+
+def config_overrides(model_args: ModelArguments, id2label: dict[int, str]) -> dict:
+    overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
+    overrides["id2label"] = id2label
+    if model_args.image_size:
+        sides = [int(side) for side in model_args.image_size.split(",")]
+        overrides["image_size"] = sides * 2 if len(sides) == 1 else sides
+    for key in ("feature_timestep", "num_queries"):
+        if getattr(model_args, key) is not None:
+            overrides[key] = getattr(model_args, key)
+    if model_args.out_indices:
+        overrides["out_indices"] = [int(i) for i in model_args.out_indices.split(",")]
+    return overrides
+
+
+def load_model(model_args: ModelArguments, id2label: dict[int, str], token=None):
+    """(model, image processor, base model name for the card). The kind of checkpoint is read from its files."""
+    overrides = config_overrides(model_args, id2label)
+    source = model_args.model_name_or_path
+    if source is None:
+        preset = model_args.model_preset
+        config = (DiTDetectionConfig.from_preset(preset, **overrides) if preset
+                  else DiTDetectionConfig(**{**SYNTHETIC_MODEL, **overrides}))
+        model = DiTForObjectDetection(config)
+    elif checkpoint_kind(source, token=token) == "diffusers":
+        model = DiTForObjectDetection.from_diffusers(source, vae=model_args.vae_name_or_path,
+                                                     hub_kwargs={"token": token}, **overrides)
+    else:
+        label2id = {name: i for i, name in id2label.items()}
+        model = DiTForObjectDetection.from_pretrained(source, id2label=id2label, label2id=label2id,
+                                                      ignore_mismatched_sizes=True, token=token,
+                                                      **{k: v for k, v in overrides.items() if k != "id2label"})
+    if model_args.fold_conditioning:
+        model.fold_conditioning()
+    config = model.config
+    processor = DiTDetectionImageProcessor(size={"height": config.image_size[0], "width": config.image_size[1]},
+                                           size_divisor=config.backbone_stride)
+    return model, processor, source
+
+
+def select(dataset, limit: int | None):
+    return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
+
+
+def train_in_stages(model, training_args, stage_args, make_trainer):
+    """Stage one (frozen backbone), then stage two (backbone trains), each its own Trainer and DDP wrap, each with
+    its own checkpoints under output_dir/stage1, output_dir/stage2. Returns the last trainer and per-stage
+    train metrics. Resuming picks up the stage the latest checkpoint belongs to."""
+    total = training_args.num_train_epochs
+    stage_one = min(stage_args.freeze_backbone_epochs, total)
+    stages = [(1, stage_one, False), (2, total - stage_one, True)]
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    stage_one_done = output_dir / "stage1" / "completed"
+    trainer, metrics = None, {}
+    for number, epochs, train_backbone in stages:
+        if epochs <= 0:
+            continue
+        stage_dir = output_dir / f"stage{number}"
+        if number == 1 and resume and stage_one_done.exists():
+            logger.info("Stage one already completed in %s: skipping it.", stage_dir)
+            continue
+        set_trainable(model, train_backbone, stage_args.unfreeze_last_blocks)
+        logger.info("Stage %d: %g epoch(s), %s backbone, %s trainable parameters.", number, epochs,
+                    "training the" if train_backbone else "frozen", f"{count_trainable(model):,}")
+        args = dataclasses.replace(training_args, output_dir=str(stage_dir), num_train_epochs=epochs,
+                                   push_to_hub=False, resume_from_checkpoint=None)
+        trainer = make_trainer(args, backbone_lr=stage_args.backbone_learning_rate or training_args.learning_rate / 10,
+                               layer_decay=stage_args.layer_decay)
+        checkpoint = None
+        if resume:
+            checkpoint = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
+            if number == 2 and checkpoint is None and stage_one_done.exists():
+                _load_weights(model, stage_one_done.parent / "final")
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics.update({f"stage{number}_{key}": value for key, value in result.metrics.items()})
+        if number == 1:
+            trainer.save_model(str(stage_one_done.parent / "final"))
+            if trainer.is_world_process_zero():
+                stage_one_done.write_text("stage one finished\n")
+    return trainer, metrics
+
+
+def _load_weights(model, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    logger.info("Loaded the stage-one weights from %s.", folder)
+
+
+def write_preview(model, processor, dataset, id2label, path: Path, count: int, threshold: float) -> None:
+    """A PNG grid of the model's detections on the first `count` images of `dataset`."""
+    images = [load_rgb(dataset[i]["image"]) for i in range(min(count, len(dataset)))]
+    if not images:
+        return
+    model.eval()
+    device = next(model.parameters()).device
+    inputs = processor(images, return_tensors="pt").to(device)
+    with torch.no_grad():
+        outputs = model(inputs["pixel_values"])
+    detections = processor.post_process_object_detection(outputs, threshold=threshold,
+                                                          target_sizes=[(im.height, im.width) for im in images])
+    detection_grid(images, [{k: v.cpu() for k, v in d.items()} for d in detections], id2label).save(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    transformers.utils.logging.set_verbosity_warning()
+    return run(*parse_arguments(sys.argv[1:] if argv is None else argv))
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageArguments,
+        training_args: TrainingArguments, callbacks=()) -> dict:
+    """The whole job; returns the metrics also written to all_results.json. `callbacks` go to every stage's Trainer."""
+    if training_args.max_steps > 0:
+        raise ValueError("Stages are counted in epochs: use --num_train_epochs and --freeze_backbone_epochs "
+                         "(fractions are fine) instead of --max_steps.")
+    set_seed(training_args.seed)
+    started = time.time()
+
+    dataset, id2label, dataset_name = load_data(data_args, training_args.seed)
+    report = DataReport()
+    with training_args.main_process_first(desc="validating the data"):
+        for split in list(dataset):
+            dataset[split] = clean_split(dataset[split], len(id2label), split, report,
+                                         skip_bad_images=data_args.skip_bad_images,
+                                         num_proc=data_args.preprocessing_num_workers)
+    logger.info("Data check:\n%s", report.summary())
+    train = select(dataset["train"], data_args.max_train_samples)
+    validation = select(dataset["validation"], data_args.max_eval_samples)
+    test = select(dataset["test"], data_args.max_eval_samples) if "test" in dataset else None
+
+    model, processor, base_model = load_model(model_args, id2label, token=training_args.hub_token)
+    augmentation = make_train_augmentation(tuple(model.config.image_size))
+    train_set = train.with_transform(DetectionTransform(processor, augmentation))
+    eval_sets = {"validation": validation.with_transform(DetectionTransform(processor))}
+    if test is not None:
+        eval_sets["test"] = test.with_transform(DetectionTransform(processor))
+    evaluator = DetectionEvaluator(processor, id2label)
+
+    def make_trainer(args, backbone_lr, layer_decay):
+        return DetectionTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets["validation"],
+                                data_collator=collate_fn, processing_class=processor,
+                                compute_metrics=evaluator, preprocess_logits_for_metrics=evaluator.preprocess,
+                                backbone_learning_rate=backbone_lr, layer_decay=layer_decay,
+                                callbacks=list(callbacks))
+
+    trainer, metrics = train_in_stages(model, training_args, stage_args, make_trainer)
+    if trainer is None:  # resumed after both stages had finished
+        trainer = make_trainer(training_args, backbone_lr=None, layer_decay=stage_args.layer_decay)
+    for split, eval_set in eval_sets.items():
+        prefix = "eval" if split == "validation" else split
+        metrics.update(trainer.evaluate(eval_dataset=eval_set, metric_key_prefix=prefix))
+    metrics["train_minutes"] = round((time.time() - started) / 60, 2)
+
+    output_dir = Path(training_args.output_dir)
+    trainer.save_model(str(output_dir))  # weights, config with auto_map, the code, preprocessor_config.json
+    if trainer.is_world_process_zero():
+        (output_dir / "all_results.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_preview(model, processor, validation, id2label, output_dir / "predictions_preview.png",
+                      data_args.preview_images, data_args.preview_threshold)
+        summary = TrainingSummary(
+            model_name=output_dir.name, dataset_name=dataset_name, metrics=metrics,
+            repo_id=training_args.hub_model_id or output_dir.name, base_model=base_model,
+            num_train_images=len(train), num_eval_images=len(validation),
+            freeze_backbone_epochs=min(stage_args.freeze_backbone_epochs, training_args.num_train_epochs),
+            stage_two_epochs=max(0.0, training_args.num_train_epochs - stage_args.freeze_backbone_epochs),
+            unfreeze_last_blocks=stage_args.unfreeze_last_blocks,
+            backbone_learning_rate=stage_args.backbone_learning_rate or training_args.learning_rate / 10,
+            layer_decay=stage_args.layer_decay, data_report=report.summary().replace("\n", "; "),
+            hyperparameters={key: getattr(training_args, key) for key in (
+                "learning_rate", "per_device_train_batch_size", "num_train_epochs", "weight_decay",
+                "lr_scheduler_type", "warmup_steps", "max_grad_norm", "seed")},
+            compute_description=_compute_description(training_args, metrics["train_minutes"]))
+        render_model_card(model.config, summary, CARD_TEMPLATE).save(output_dir / "README.md")
+        if training_args.push_to_hub:
+            push_folder_to_hub(output_dir, training_args.hub_model_id or output_dir.name,
+                               token=training_args.hub_token, private=training_args.hub_private_repo)
+    shown = "test" if test is not None else "eval"
+    print(f"{shown} mAP: {metrics[f'{shown}_map']:.4f}  mAP@50: {metrics[f'{shown}_map_50']:.4f}  "
+          f"({metrics['train_minutes']} min; model, metrics, card and preview in {output_dir})")
+    return metrics
+
+
+def _compute_description(training_args, minutes: float) -> str:
+    world = training_args.world_size
+    if torch.cuda.is_available():
+        device = f"{world} x {torch.cuda.get_device_name(0)}"
+    else:
+        device = f"CPU ({os.cpu_count()} cores)"
+    return f"{minutes} minutes of training and evaluation on {device}."
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""run_detection.py end to end: outputs, two stages, resuming, arguments, bad data, and the default job (slow)."""
+
+import importlib.util
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import PIL.Image
+import pytest
+import torch
+from transformers import AutoModelForObjectDetection, TrainerCallback, pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("run_detection", ROOT / "run_detection.py")
+run_detection = importlib.util.module_from_spec(_spec)
+sys.modules["run_detection"] = run_detection  # dataclasses look their module up there
+_spec.loader.exec_module(run_detection)
+
+# 24 training images, batch 8: 3 optimiser steps per epoch.
+SMALL_JOB = ["--model_preset", "tiny", "--synthetic_train_size", "24", "--synthetic_eval_size", "6",
+             "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--num_train_epochs", "2",
+             "--freeze_backbone_epochs", "1", "--learning_rate", "1e-3", "--backbone_learning_rate", "5e-4",
+             "--warmup_steps", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+             "--report_to", "tensorboard", "--preview_images", "4"]
+STEPS_PER_EPOCH = 3
+# The README states the default job's measured test mAP; a run on another machine or library version may differ a bit.
+DOCUMENTED_TEST_MAP = (0.0, 1.0)
+
+
+class StageRecorder(TrainerCallback):
+    """Records, per Trainer run (= stage): its output folder, the steps it ran, and what happened to the weights."""
+
+    def __init__(self, fail_at_stage2_step: int | None = None):
+        self.runs, self.fail_at_stage2_step = [], fail_at_stage2_step
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        backbone = {k: v.detach().clone() for k, v in model.model.backbone.state_dict().items()}
+        head = {k: v.detach().clone() for k, v in model.class_heads.state_dict().items()}
+        trainable = {name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad}
+        self.runs.append({"stage": Path(args.output_dir).name, "backbone": backbone, "head": head, "steps": [],
+                          "trainable": trainable})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        run = self.runs[-1]
+        run["steps"].append(state.global_step)
+        if run["stage"] == "stage2" and state.global_step == self.fail_at_stage2_step:
+            raise RuntimeError("simulated crash")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        run = self.runs[-1]
+        run["backbone_changed"] = {k: not torch.equal(v, run["backbone"][k])
+                                   for k, v in model.model.backbone.state_dict().items()}
+        run["head_changed"] = any(not torch.equal(v, run["head"][k]) for k, v in model.class_heads.state_dict().items())
+
+
+def _run(argv, callbacks=()):
+    return run_detection.run(*run_detection.parse_arguments(argv), callbacks=callbacks)
+
+
+@pytest.fixture(scope="module")
+def small_job(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("job") / "synthetic-tiny"
+    recorder = StageRecorder()
+    metrics = _run([*SMALL_JOB, "--output_dir", str(output_dir)], callbacks=[recorder])
+    return output_dir, metrics, recorder
+
+
+def test_job_writes_model_metrics_card_preview_and_logs(small_job):
+    output_dir, metrics, _ = small_job
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_dit_detection.py",
+                 "configuration_dit_detection.py", "image_processing_dit_detection.py", "README.md",
+                 "all_results.json", "predictions_preview.png"):
+        assert (output_dir / name).is_file(), name
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForObjectDetection"].endswith("DiTForObjectDetection")
+    assert config["id2label"] == {"0": "circle", "1": "square", "2": "triangle", "3": "cross", "4": "ring"}
+
+    written = json.loads((output_dir / "all_results.json").read_text())
+    assert written == pytest.approx(metrics)
+    for key in ("eval_map", "eval_map_50", "eval_map_75", "eval_mar_100", "eval_map_small", "test_map",
+                "test_map_50", "test_map_circle", "stage1_train_loss", "stage2_train_loss"):
+        assert isinstance(written[key], float), key
+        assert -1.0 <= written[key] <= 1.0 or key.endswith("loss")
+
+    card = (output_dir / "README.md").read_text()
+    assert "pipeline_tag: object-detection" in card and "library_name: transformers" in card
+    assert f"{metrics['test_map']:.4f}" in card
+
+    preview = PIL.Image.open(output_dir / "predictions_preview.png")
+    assert preview.size[0] > 256 and preview.size[1] >= 256
+    events = list(output_dir.glob("stage*/runs/**/events.out.tfevents.*"))
+    assert {path.relative_to(output_dir).parts[0] for path in events} == {"stage1", "stage2"}
+
+
+def test_written_folder_loads_with_auto_classes_and_pipeline(small_job):
+    output_dir, _, _ = small_job
+    model = AutoModelForObjectDetection.from_pretrained(output_dir)
+    assert type(model).__name__ == "DiTForObjectDetection" and model.config.num_labels == 5
+    detector = pipeline("object-detection", model=str(output_dir))
+    image = PIL.Image.new("RGB", (96, 80), (30, 120, 200))
+    detections = detector(image, threshold=0.0)
+    assert detections and {"score", "label", "box"} <= set(detections[0])
+    assert all(0 <= d["box"]["xmin"] <= d["box"]["xmax"] <= 96 and 0 <= d["box"]["ymax"] <= 80 for d in detections)
+
+
+def test_stage_one_freezes_the_backbone_and_stage_two_trains_it(small_job):
+    _, _, recorder = small_job
+    stage1, stage2 = recorder.runs
+    assert (stage1["stage"], stage2["stage"]) == ("stage1", "stage2")
+    # Stage one is exactly one epoch; stage two the remaining one, each its own Trainer.
+    assert stage1["steps"] == [1, 2, 3] and stage2["steps"] == [1, 2, 3]
+    assert "backbone" not in stage1["trainable"] and "backbone" in stage2["trainable"]
+    assert not any(stage1["backbone_changed"].values()) and stage1["head_changed"]
+    changed = stage2["backbone_changed"]
+    assert all(changed[k] for k in changed if k.startswith("layers.")), "every DiT block trains in stage two"
+
+
+def test_fractional_stage_one_and_last_blocks_only(tmp_path):
+    recorder = StageRecorder()
+    _run([*SMALL_JOB, "--output_dir", str(tmp_path / "out"), "--freeze_backbone_epochs", "0.34",
+          "--num_train_epochs", "1", "--unfreeze_last_blocks", "1", "--eval_strategy", "no", "--save_strategy", "no",
+          "--synthetic_eval_size", "2"], callbacks=[recorder])
+    stage1, stage2 = recorder.runs
+    assert len(stage1["steps"]) == 2 and len(stage2["steps"]) == 2  # ceil(0.34 * 3), ceil(0.66 * 3)
+    changed = stage2["backbone_changed"]
+    assert all(changed[k] for k in changed if k.startswith("layers.3."))
+    assert not any(changed[k] for k in changed if not k.startswith("layers.3."))
+
+
+def test_resume_after_a_crash_in_stage_two(tmp_path):
+    output_dir = tmp_path / "out"
+    argv = [*SMALL_JOB, "--output_dir", str(output_dir), "--num_train_epochs", "3"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(argv, callbacks=[StageRecorder(fail_at_stage2_step=STEPS_PER_EPOCH + 1)])
+    assert (output_dir / "stage1" / "completed").exists()
+    assert (output_dir / "stage2" / f"checkpoint-{STEPS_PER_EPOCH}").is_dir()
+    assert not (output_dir / "model.safetensors").exists()
+
+    recorder = StageRecorder()
+    metrics = _run([*argv, "--resume_from_checkpoint", "true"], callbacks=[recorder])
+    assert [run["stage"] for run in recorder.runs] == ["stage2"]  # stage one is not trained again
+    assert recorder.runs[0]["steps"] == list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))
+    assert (output_dir / "model.safetensors").is_file() and "test_map" in metrics
+
+
+def test_arguments_from_json_and_yaml(tmp_path):
+    options = {"output_dir": str(tmp_path / "out"), "model_preset": "tiny", "num_train_epochs": 3,
+               "freeze_backbone_epochs": 1, "learning_rate": 3e-4, "layer_decay": 0.8}
+    (tmp_path / "args.json").write_text(json.dumps(options))
+    (tmp_path / "args.yaml").write_text("".join(f"{key}: {value}\n" for key, value in options.items()))
+    for path in (tmp_path / "args.json", tmp_path / "args.yaml"):
+        model_args, data_args, stage_args, training_args = run_detection.parse_arguments([str(path)])
+        assert model_args.model_preset == "tiny" and training_args.learning_rate == 3e-4
+        assert stage_args.freeze_backbone_epochs == 1 and stage_args.layer_decay == 0.8
+        # The script's defaults still apply to what the file leaves out.
+        assert training_args.remove_unused_columns is False and training_args.metric_for_best_model == "map"
+        assert training_args.batch_eval_metrics and training_args.eval_use_gather_object
+
+
+def test_real_data_defaults_differ_from_the_built_in_data_defaults():
+    _, _, synthetic_stages, synthetic = run_detection.parse_arguments(["--output_dir", "x"])
+    _, _, real_stages, real = run_detection.parse_arguments(["--output_dir", "x", "--dataset_name", "cppe-5"])
+    assert synthetic_stages.freeze_backbone_epochs == 0 and real_stages.freeze_backbone_epochs == 1
+    assert synthetic.learning_rate == 1e-3 and real.learning_rate == 1e-4
+    _, _, _, given = run_detection.parse_arguments(["--output_dir", "x", "--learning_rate", "5e-5"])
+    assert given.learning_rate == 5e-5
+
+
+def test_max_steps_is_rejected_with_a_reason(tmp_path):
+    with pytest.raises(ValueError, match="Stages are counted in epochs"):
+        _run([*SMALL_JOB, "--output_dir", str(tmp_path / "out"), "--max_steps", "5"])
+
+
+def test_help_explains_every_option():
+    result = subprocess.run([sys.executable, str(ROOT / "run_detection.py"), "--help"], capture_output=True,
+                            text=True, check=True)
+    text = " ".join(result.stdout.split())
+    for cls in (run_detection.ModelArguments, run_detection.DataArguments, run_detection.StageArguments):
+        for name, field in cls.__dataclass_fields__.items():
+            assert field.metadata.get("help"), f"--{name} has no help"
+            assert f"--{name}" in text
+    assert "two stages" in text.lower() or "stage one" in text.lower()
+
+
+def _png(size, colour=(120, 60, 30)) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_records_are_skipped_counted_and_reported(tmp_path):
+    """A save_to_disk dataset with a corrupt image, boxes to clip and drop, and an empty image trains to the end;
+    the card's data section counts what was fixed or skipped."""
+    rows = []
+    for i in range(12):
+        rows.append({"image_id": i, "image": {"bytes": _png((64, 48)), "path": None},
+                     "objects": {"bbox": [[4.0, 4.0, 20.0, 16.0], [50.0, 30.0, 30.0, 30.0]], "category": ["a", "b"]}})
+    rows[3]["image"] = {"bytes": b"not an image", "path": None}
+    rows[5]["objects"] = {"bbox": [[float("nan"), 1.0, 2.0, 2.0], [3.0, 3.0, 0.0, 5.0]], "category": ["a", "a"]}
+    rows[6]["objects"] = {"bbox": [], "category": []}
+    features = datasets.Features({"image_id": datasets.Value("int64"), "image": datasets.Image(),
+                                  "objects": {"bbox": datasets.List(datasets.List(datasets.Value("float32"))),
+                                              "category": datasets.List(datasets.Value("string"))}})
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows, features=features),
+                          "test": datasets.Dataset.from_list(rows[:4], features=features)}
+                         ).save_to_disk(str(tmp_path / "data"))
+    output_dir = tmp_path / "out"
+    argv = ["--dataset_name", str(tmp_path / "data"), "--model_preset", "tiny", "--output_dir", str(output_dir),
+            "--num_train_epochs", "1", "--freeze_backbone_epochs", "0.5", "--per_device_train_batch_size", "4",
+            "--validation_split_percentage", "0.25", "--disable_tqdm", "true", "--report_to", "none",
+            "--dataloader_num_workers", "0"]
+    with pytest.raises(ValueError, match=r"image_id 3: cannot decode the image"):
+        _run(argv)
+    metrics = _run([*argv, "--skip_bad_images", "true"])
+    assert "test_map" in metrics
+    card = (output_dir / "README.md").read_text()
+    assert re.search(r"bad_image: 1 \(e\.g\. image_id 3\)", card)
+    assert "box_clipped" in card and "box_non_finite" in card and "box_empty" in card and "no_objects" in card
+
+
+@pytest.mark.slow
+def test_default_job_as_the_readme_runs_it(tmp_path):
+    """The README's main command: the built-in data and model, default options. Takes minutes."""
+    result = subprocess.run([sys.executable, str(ROOT / "run_detection.py"), "--output_dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    match = re.search(r"test mAP: ([0-9.]+)", result.stdout)
+    assert match, result.stdout[-2000:]
+    low, high = DOCUMENTED_TEST_MAP
+    assert low <= float(match.group(1)) <= high
