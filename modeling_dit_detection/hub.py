@@ -7,17 +7,27 @@ import shlex
 from pathlib import Path
 
 from huggingface_hub import HfApi
+from huggingface_hub.utils import filter_repo_objects
 
 logger = logging.getLogger(__name__)
 
 # Training state that does not belong in a model repo: checkpoints (optimizer states included) and the stage-one
 # weights. The TensorBoard logs under stage*/runs/ are uploaded: the Hub shows them in a "Training metrics" tab.
-IGNORE_PATTERNS = ["stage*/checkpoint-*/**", "stage1/final/**", "checkpoint-*/**"]
+IGNORE_PATTERNS = ["stage*/checkpoint-*/**", "stage1/final/**", "stage1/completed", "checkpoint-*/**"]
+
+
+def files_to_upload(folder) -> list[str]:
+    """The paths (relative, POSIX) of `folder` that `push_folder_to_hub` uploads, filtered as `upload_folder`
+    filters them."""
+    folder = Path(folder)
+    paths = sorted(path.relative_to(folder).as_posix() for path in folder.glob("**/*") if path.is_file())
+    return list(filter_repo_objects(paths, ignore_patterns=IGNORE_PATTERNS + [".git/**", ".cache/**"]))
 
 
 def push_folder_to_hub(folder, repo_id: str, token: str | None = None, private: bool | None = None,
                        commit_message: str = "Upload DiT object detector", api: HfApi | None = None) -> str | None:
-    """Create `repo_id` if needed and upload `folder` (model, processor, code, card, metrics, preview, logs).
+    """Create `repo_id` if needed and upload `files_to_upload(folder)` (model, processor, code, card, metrics,
+    preview, TensorBoard logs) in one commit.
 
     A failed upload never touches the local folder; it is logged with the command that retries it, and None is
     returned instead of the commit URL.

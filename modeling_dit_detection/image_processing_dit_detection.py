@@ -143,15 +143,16 @@ class DiTDetectionImageProcessor(TorchvisionBackend):
                 query can give several labels.
 
         Returns:
-            `list[dict]`, one per image: `scores` (`[k]`), `labels` (`[k]`, int64), `boxes` (`[k, 4]`, x0, y0, x1, y1),
-            sorted by decreasing score.
+            `list[dict]`, one per image: `scores` (`[k]`), `labels` (`[k]`, int64), `boxes` (`[k, 4]`, x0, y0, x1, y1,
+            clipped to the image), sorted by decreasing score.
         """
         if isinstance(outputs, Mapping):
             logits, pred_boxes = outputs["logits"], outputs["pred_boxes"]
         else:
             logits, pred_boxes = outputs.logits, outputs.pred_boxes
         batch, num_queries, num_classes = logits.shape
-        boxes = box_convert(pred_boxes.float(), in_fmt="cxcywh", out_fmt="xyxy")
+        # Clipped to the image: a box may overhang it in the model's cx, cy, w, h, never in the result.
+        boxes = box_convert(pred_boxes.float(), in_fmt="cxcywh", out_fmt="xyxy").clamp(0.0, 1.0)
         if target_sizes is not None:
             sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=boxes.device).reshape(-1, 2)
             if len(sizes) != batch:

@@ -1,6 +1,11 @@
-"""Shared builders for the tests: tiny configs and valid targets."""
+"""Shared builders for the tests: tiny configs, valid targets, the run_detection.py script as a module."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from modeling_dit_detection import DiTDetectionConfig
 
@@ -56,3 +61,52 @@ def coco_map(predictions: list[dict], labels: list[dict], image_size: tuple[int,
         evaluation.accumulate()
         evaluation.summarize()
     return {"map": evaluation.stats[0], "map_50": evaluation.stats[1], "map_75": evaluation.stats[2]}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_run_detection():
+    """The top-level script run_detection.py as a module (it is not part of the installed package)."""
+    if "run_detection" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("run_detection", ROOT / "run_detection.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["run_detection"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["run_detection"]
+
+
+# A few-second run_detection.py job: tiny model, built-in data, 24 training images in batches of 8 (3 steps per
+# epoch), one epoch per stage.
+SMALL_JOB = ["--model_preset", "tiny", "--synthetic_train_size", "24", "--synthetic_eval_size", "6",
+             "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--num_train_epochs", "2",
+             "--freeze_backbone_epochs", "1", "--learning_rate", "1e-3", "--backbone_learning_rate", "5e-4",
+             "--warmup_steps", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+             "--report_to", "tensorboard", "--preview_images", "4"]
+
+
+class StageRecorder(TrainerCallback):
+    """Records, per Trainer run (= stage): its output folder, the steps it ran, and what happened to the weights.
+    `fail_at_stage2_step` raises there, as a crash would."""
+
+    def __init__(self, fail_at_stage2_step: int | None = None):
+        self.runs, self.fail_at_stage2_step = [], fail_at_stage2_step
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        backbone = {k: v.detach().clone() for k, v in model.model.backbone.state_dict().items()}
+        head = {k: v.detach().clone() for k, v in model.class_heads.state_dict().items()}
+        trainable = {name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad}
+        self.runs.append({"stage": args.output_dir.rstrip("/").rsplit("/", 1)[-1], "backbone": backbone,
+                          "head": head, "steps": [], "trainable": trainable})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        run = self.runs[-1]
+        run["steps"].append(state.global_step)
+        if run["stage"] == "stage2" and state.global_step == self.fail_at_stage2_step:
+            raise RuntimeError("simulated crash")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        run = self.runs[-1]
+        run["backbone_changed"] = {k: not torch.equal(v, run["backbone"][k])
+                                   for k, v in model.model.backbone.state_dict().items()}
+        run["head_changed"] = any(not torch.equal(v, run["head"][k]) for k, v in model.class_heads.state_dict().items())

@@ -152,7 +152,7 @@ class Output(ModelOutput):
 def hand_made_outputs():
     # Q = 3 queries, C = 2 classes; query 1 scores high for both classes.
     scores = torch.tensor([[[0.90, 0.10], [0.80, 0.70], [0.20, 0.40]]])
-    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.75, 0.5, 0.5], [0.1, 0.1, 0.2, 0.2]]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.75, 0.5, 0.5], [0.05, 0.1, 0.2, 0.2]]])  # query 2 overhangs
     return Output(logits=torch.logit(scores), pred_boxes=boxes)
 
 
@@ -161,9 +161,10 @@ def test_post_process_exact_boxes_scores_labels_and_order():
     assert len(result) == 1
     torch.testing.assert_close(result[0]["scores"], torch.tensor([0.9, 0.8, 0.7, 0.4]))
     assert result[0]["labels"].tolist() == [0, 0, 1, 1] and result[0]["labels"].dtype == torch.int64
-    # height 100, width 200: query 0 -> x 80..120, y 30..70; query 1 -> x 0..100, y 50..100; query 2 -> 0..40, 0..20
+    # height 100, width 200: query 0 -> x 80..120, y 30..70; query 1 -> x 0..100, y 50..100;
+    # query 2 -> x -10..30 clipped to 0..30, y 0..20
     expected = torch.tensor([[80.0, 30.0, 120.0, 70.0], [0.0, 50.0, 100.0, 100.0], [0.0, 50.0, 100.0, 100.0],
-                             [0.0, 0.0, 40.0, 20.0]])
+                             [0.0, 0.0, 30.0, 20.0]])
     torch.testing.assert_close(result[0]["boxes"], expected)
 
 

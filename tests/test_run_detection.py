@@ -1,6 +1,5 @@
 """run_detection.py end to end: outputs, two stages, resuming, arguments, bad data, and the default job (slow)."""
 
-import importlib.util
 import io
 import json
 import re
@@ -12,61 +11,18 @@ import datasets
 import PIL.Image
 import pytest
 import torch
-from transformers import AutoModelForObjectDetection, TrainerCallback, pipeline
+from helpers import ROOT, SMALL_JOB, StageRecorder, load_run_detection
+from transformers import AutoModelForObjectDetection, pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("run_detection", ROOT / "run_detection.py")
-run_detection = importlib.util.module_from_spec(_spec)
-sys.modules["run_detection"] = run_detection  # dataclasses look their module up there
-_spec.loader.exec_module(run_detection)
+run_detection = load_run_detection()
 
-# 24 training images, batch 8: 3 optimiser steps per epoch.
-SMALL_JOB = ["--model_preset", "tiny", "--synthetic_train_size", "24", "--synthetic_eval_size", "6",
-             "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--num_train_epochs", "2",
-             "--freeze_backbone_epochs", "1", "--learning_rate", "1e-3", "--backbone_learning_rate", "5e-4",
-             "--warmup_steps", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
-             "--report_to", "tensorboard", "--preview_images", "4"]
-STEPS_PER_EPOCH = 3
+STEPS_PER_EPOCH = 3  # of SMALL_JOB
 # The README states the default job's measured test mAP; a run on another machine or library version may differ a bit.
 DOCUMENTED_TEST_MAP = (0.0, 1.0)
 
 
-class StageRecorder(TrainerCallback):
-    """Records, per Trainer run (= stage): its output folder, the steps it ran, and what happened to the weights."""
-
-    def __init__(self, fail_at_stage2_step: int | None = None):
-        self.runs, self.fail_at_stage2_step = [], fail_at_stage2_step
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        backbone = {k: v.detach().clone() for k, v in model.model.backbone.state_dict().items()}
-        head = {k: v.detach().clone() for k, v in model.class_heads.state_dict().items()}
-        trainable = {name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad}
-        self.runs.append({"stage": Path(args.output_dir).name, "backbone": backbone, "head": head, "steps": [],
-                          "trainable": trainable})
-
-    def on_step_end(self, args, state, control, **kwargs):
-        run = self.runs[-1]
-        run["steps"].append(state.global_step)
-        if run["stage"] == "stage2" and state.global_step == self.fail_at_stage2_step:
-            raise RuntimeError("simulated crash")
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        run = self.runs[-1]
-        run["backbone_changed"] = {k: not torch.equal(v, run["backbone"][k])
-                                   for k, v in model.model.backbone.state_dict().items()}
-        run["head_changed"] = any(not torch.equal(v, run["head"][k]) for k, v in model.class_heads.state_dict().items())
-
-
 def _run(argv, callbacks=()):
     return run_detection.run(*run_detection.parse_arguments(argv), callbacks=callbacks)
-
-
-@pytest.fixture(scope="module")
-def small_job(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("job") / "synthetic-tiny"
-    recorder = StageRecorder()
-    metrics = _run([*SMALL_JOB, "--output_dir", str(output_dir)], callbacks=[recorder])
-    return output_dir, metrics, recorder
 
 
 def test_job_writes_model_metrics_card_preview_and_logs(small_job):

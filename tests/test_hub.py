@@ -1,0 +1,175 @@
+"""A training output is a complete Hub model repo: remote code in a clean process, the card, the push, the CLI."""
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import PIL.Image
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
+
+from modeling_dit_detection.hub import files_to_upload, push_folder_to_hub
+from modeling_dit_detection.predict import main as predict_main
+
+# Runs in a fresh interpreter in which `import modeling_dit_detection` fails, so only the folder's code can serve.
+REMOTE_CODE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.modules["modeling_dit_detection"] = None  # importing the installed package now raises ImportError
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForObjectDetection, pipeline
+
+    folder, image_path = sys.argv[1], sys.argv[2]
+    try:
+        import modeling_dit_detection
+        raise SystemExit("the installed package is importable")
+    except ImportError:
+        pass
+    model = AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    image = Image.open(image_path)
+    with torch.no_grad():
+        outputs = model(**processor(image, return_tensors="pt"))
+    result = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[image.size[::-1]])[0]
+    detector = pipeline("object-detection", model=folder, trust_remote_code=True)
+    print(json.dumps({
+        "classes": [type(model).__module__ + "." + type(model).__name__, type(base).__name__,
+                    type(processor).__module__ + "." + type(processor).__name__],
+        "boxes": result["boxes"].tolist(), "scores": result["scores"].tolist(),
+        "pipeline": detector(image, threshold=0.0),
+    }))
+""")
+
+
+def _clean_env(tmp_path) -> dict:
+    # Remote code is copied into HF_MODULES_CACHE; keep it inside the test's folder.
+    return {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+
+
+def _image(path, size=(90, 70)):
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+    PIL.Image.fromarray(pixels.numpy()).save(path)
+    return path
+
+
+def test_remote_code_in_a_clean_process_gives_the_installed_packages_boxes(small_job, tmp_path):
+    folder, _, _ = small_job
+    image_path = _image(tmp_path / "image.png")
+    result = subprocess.run([sys.executable, "-c", REMOTE_CODE_SCRIPT, str(folder), str(image_path)],
+                            capture_output=True, text=True, cwd=tmp_path, env=_clean_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    model_class, base_class, processor_class = remote["classes"]
+    assert model_class.startswith("transformers_modules.") and model_class.endswith("DiTForObjectDetection")
+    assert base_class == "DiTDetectionModel"
+    assert processor_class.startswith("transformers_modules.") and processor_class.endswith("ImageProcessor")
+
+    installed = pipeline("object-detection", model=str(folder))(PIL.Image.open(image_path), threshold=0.0)
+    assert remote["pipeline"] == installed
+    model = AutoModelForObjectDetection.from_pretrained(folder).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+    image = PIL.Image.open(image_path)
+    with torch.no_grad():
+        outputs = model(**processor(image, return_tensors="pt"))
+    expected = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(70, 90)])[0]
+    torch.testing.assert_close(torch.tensor(remote["boxes"]), expected["boxes"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(remote["scores"]), expected["scores"], rtol=0, atol=1e-6)
+
+
+def test_card_metadata_and_results(small_job):
+    folder, metrics, _ = small_job
+    card = ModelCard.load(folder / "README.md")
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "object-detection"
+    assert data.license == "apache-2.0" and "object-detection" in data.tags
+    # huggingface_hub parses `model-index` back into EvalResults: the metadata is well formed.
+    results = {result.metric_type: result.metric_value for result in data.eval_results}
+    assert results == {"map": round(metrics["test_map"], 4), "map_50": round(metrics["test_map_50"], 4),
+                       "map_75": round(metrics["test_map_75"], 4)}
+    assert all(result.dataset_split == "test" for result in data.eval_results)
+    text = card.text
+    for section in ("## Model", "## Intended uses and limits", "## How to use", "## Training", "## Evaluation",
+                    "## Compute"):
+        assert section in text
+    assert f"| map_50 | {metrics['test_map_50']:.4f} |" in text
+    assert "| circle |" in text  # per-class AP table
+    assert "| learning_rate | 0.001 |" in text
+    assert "{{" not in text and "}}" not in text
+
+
+def test_card_usage_snippets_run_against_the_folder(small_job, tmp_path):
+    folder, _, _ = small_job
+    card = (folder / "README.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert len(snippets) == 2
+    _image(tmp_path / "image.jpg")
+    repo_id = folder.name  # the card names the repo the folder would be pushed to
+    script = "import sys\nsys.modules['modeling_dit_detection'] = None\n" + "\n".join(
+        snippet.replace(f'"{repo_id}"', repr(str(folder))) for snippet in snippets) + \
+        "\nprint(len(detections), len(results[0]['boxes']))\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env=_clean_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_upload_set_is_the_model_repo_without_training_state(small_job):
+    folder, _, _ = small_job
+    files = files_to_upload(folder)
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json",
+                 "predictions_preview.png", "modeling_dit_detection.py", "configuration_dit_detection.py",
+                 "image_processing_dit_detection.py", "loss_dit_detection.py"):
+        assert name in files
+    assert any(re.match(r"stage[12]/runs/.*tfevents", name) for name in files)  # TensorBoard logs go along
+    assert not any("checkpoint-" in name or name.startswith("stage1/final") or "optimizer" in name
+                   for name in files)
+
+
+def test_failed_push_keeps_the_output_and_logs_the_retry_command(small_job, caplog):
+    folder, _, _ = small_job
+    before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    api = HfApi(endpoint="http://127.0.0.1:9", token="hf_not_a_token")  # nothing listens on port 9
+    with caplog.at_level(logging.ERROR):
+        assert push_folder_to_hub(folder, "someone/dit-detector", api=api) is None
+    assert "retry with" in caplog.text and f"hf upload someone/dit-detector {folder}" in caplog.text
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before
+
+
+def test_predict_cli_writes_one_png_and_one_json_entry_per_image(small_job, tmp_path, capsys):
+    folder, _, _ = small_job
+    images = tmp_path / "images"
+    (images / "more").mkdir(parents=True)
+    _image(images / "a.png", (80, 60))
+    _image(images / "b.jpg", (50, 90))
+    _image(images / "more" / "a.png", (64, 64))  # same name in another folder
+    (images / "notes.txt").write_text("not an image")
+    output = tmp_path / "out"
+    predict_main(["--model", str(folder), str(images), "--output-dir", str(output), "--threshold", "0.0",
+                  "--batch-size", "2"])
+    assert "detections in 3 images" in capsys.readouterr().out
+    assert sorted(p.name for p in output.glob("*.png")) == ["a-1.png", "a.png", "b.png"]
+    coco = json.loads((output / "predictions.json").read_text())
+    assert len(coco["images"]) == 3 and {image["annotated"] for image in coco["images"]} == {"a.png", "a-1.png",
+                                                                                             "b.png"}
+    assert [c["name"] for c in coco["categories"]] == ["circle", "square", "triangle", "cross", "ring"]
+    sizes = {image["id"]: (image["width"], image["height"]) for image in coco["images"]}
+    assert coco["annotations"] and {a["image_id"] for a in coco["annotations"]} == set(sizes)
+    for annotation in coco["annotations"]:
+        x, y, w, h = annotation["bbox"]
+        width, height = sizes[annotation["image_id"]]
+        assert 0 <= x <= x + w <= width + 1e-3 and 0 <= y <= y + h <= height + 1e-3 and 0 <= annotation["score"] <= 1
+    for image in coco["images"]:
+        assert PIL.Image.open(output / image["annotated"]).size == (image["width"], image["height"])
+
+
+def test_predict_cli_rejects_a_missing_input(small_job, tmp_path):
+    folder, _, _ = small_job
+    with pytest.raises(FileNotFoundError, match="neither an image file nor a folder"):
+        predict_main(["--model", str(folder), str(tmp_path / "nope.png")])
