@@ -49,17 +49,17 @@ CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "template.md"
 
 # The embedded default: a small pixel-space DiT trained from scratch on the built-in synthetic shapes.
 SYNTHETIC_MODEL = {
-    "hidden_size": 96, "num_hidden_layers": 6, "num_attention_heads": 4, "patch_size": 4, "in_channels": 3,
-    "vae_config": None, "image_size": (64, 64), "out_indices": (3, 5), "num_class_embeds": 1,
-    "frequency_embedding_size": 64, "feature_timestep": 0, "d_model": 96, "pyramid_scales": (2.0, 1.0, 0.5),
+    "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "patch_size": 4, "in_channels": 3,
+    "vae_config": None, "image_size": (64, 64), "out_indices": (1, 3), "num_class_embeds": 1,
+    "frequency_embedding_size": 64, "feature_timestep": 0, "d_model": 64, "pyramid_scales": (2.0, 1.0, 0.5),
     "num_queries": 20, "num_query_groups": 4, "decoder_layers": 3, "decoder_attention_heads": 4,
-    "decoder_ffn_dim": 256, "decoder_n_points": 4,
+    "decoder_ffn_dim": 128, "decoder_n_points": 4,
 }
 # It starts from random weights, so there is nothing to protect by freezing the backbone or lowering its learning rate.
-SYNTHETIC_DEFAULTS = {"num_train_epochs": 12, "learning_rate": 1e-3, "per_device_train_batch_size": 16,
+SYNTHETIC_DEFAULTS = {"num_train_epochs": 14, "learning_rate": 1e-3, "per_device_train_batch_size": 16,
                       "per_device_eval_batch_size": 32, "weight_decay": 1e-4, "warmup_steps": 50,
                       "max_grad_norm": 1.0, "freeze_backbone_epochs": 0, "backbone_learning_rate": 1e-3,
-                      "layer_decay": 1.0}
+                      "layer_decay": 1.0, "augmentation": "light"}
 # Defaults of this script that differ from TrainingArguments'; anything given on the command line wins.
 TRAINING_DEFAULTS = {
     "remove_unused_columns": False,  # the transform needs the image and objects columns
@@ -123,11 +123,14 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={
         "help": "Use at most this many validation and test images."})
+    augmentation: str = field(default="strong", metadata={
+        "help": "Training augmentation: strong (flip, zoom out, IoU-safe crop, colour jitter), light (flip, colour "
+                "jitter) or none. Default: strong; light for the built-in data.", "choices": ["strong", "light", "none"]})
     skip_bad_images: bool = field(default=False, metadata={
         "help": "Skip (and count) images that cannot be decoded instead of stopping with an error."})
     preprocessing_num_workers: int | None = field(default=None, metadata={
         "help": "Processes for the validation pass over the data."})
-    synthetic_train_size: int = field(default=1200, metadata={"help": "Built-in data: training images."})
+    synthetic_train_size: int = field(default=2000, metadata={"help": "Built-in data: training images."})
     synthetic_eval_size: int = field(default=150, metadata={"help": "Built-in data: validation and test images each."})
     preview_images: int = field(default=8, metadata={"help": "Validation images drawn into predictions_preview.png."})
     preview_threshold: float = field(default=0.3, metadata={"help": "Score threshold of the preview's boxes."})
@@ -326,7 +329,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     test = select(dataset["test"], data_args.max_eval_samples) if "test" in dataset else None
 
     model, processor, base_model = load_model(model_args, id2label, token=training_args.hub_token)
-    augmentation = make_train_augmentation(tuple(model.config.image_size))
+    augmentation = make_train_augmentation(tuple(model.config.image_size), data_args.augmentation)
     train_set = train.with_transform(DetectionTransform(processor, augmentation))
     eval_sets = {"validation": validation.with_transform(DetectionTransform(processor))}
     if test is not None:

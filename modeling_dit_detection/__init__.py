@@ -1,15 +1,23 @@
 """DiT for object detection: a pretrained Diffusion Transformer fine-tuned into a DETR-style detector.
 
 Importing this package registers the classes with transformers' Auto classes, so `AutoConfig`, `AutoModel`,
-`AutoModelForObjectDetection`, `AutoImageProcessor` and `pipeline("object-detection")` resolve `dit_detection`.
+`AutoModelForObjectDetection`, `AutoImageProcessor` and `pipeline("object-detection")` resolve `dit_detection`,
+and `AutoBackbone` resolves `dit_backbone` (the DiT as a backbone for other detectors).
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
+from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
 
-from .configuration_dit_detection import DIT_BACKBONE_PRESETS, SD_VAE_CONFIG, TINY_PRESETS, DiTDetectionConfig
+from .configuration_dit_detection import (
+    DIT_BACKBONE_PRESETS,
+    SD_VAE_CONFIG,
+    TINY_PRESETS,
+    DiTBackboneConfig,
+    DiTDetectionConfig,
+)
 from .image_processing_dit_detection import DiTDetectionImageProcessor
 from .loss_dit_detection import DiTDetectionCriterion, HungarianMatcher
 from .modeling_dit_detection import (
+    DiTBackboneModel,
     DiTDetectionModel,
     DiTDetectionModelOutput,
     DiTDetectionObjectDetectionOutput,
@@ -19,6 +27,8 @@ from .modeling_dit_detection import (
 AutoConfig.register(DiTDetectionConfig.model_type, DiTDetectionConfig, exist_ok=True)
 AutoModel.register(DiTDetectionConfig, DiTDetectionModel, exist_ok=True)
 AutoModelForObjectDetection.register(DiTDetectionConfig, DiTForObjectDetection, exist_ok=True)
+AutoConfig.register(DiTBackboneConfig.model_type, DiTBackboneConfig, exist_ok=True)
+AutoBackbone.register(DiTBackboneConfig, DiTBackboneModel, exist_ok=True)
 AutoImageProcessor.register(
     DiTDetectionConfig, image_processor_classes={"torchvision": DiTDetectionImageProcessor}, exist_ok=True
 )
@@ -29,9 +39,13 @@ DiTDetectionConfig.register_for_auto_class()
 DiTDetectionModel.register_for_auto_class("AutoModel")
 DiTForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
 DiTDetectionImageProcessor.register_for_auto_class("AutoImageProcessor")
+DiTBackboneConfig.register_for_auto_class()
+DiTBackboneModel.register_for_auto_class("AutoBackbone")
 
 __all__ = [
     "DIT_BACKBONE_PRESETS",
+    "DiTBackboneConfig",
+    "DiTBackboneModel",
     "SD_VAE_CONFIG",
     "TINY_PRESETS",
     "DiTDetectionConfig",

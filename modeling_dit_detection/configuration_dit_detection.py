@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 from transformers import PretrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 # DiT geometries from Peebles & Xie (2023), table 1; "tiny" is ours, for tests and smoke runs.
 DIT_BACKBONE_PRESETS = {
@@ -53,7 +54,27 @@ SD_VAE_CONFIG = {
 }
 
 
-class DiTDetectionConfig(PretrainedConfig):
+class DiTGeometryMixin:
+    """Quantities derived from the DiT geometry fields, shared by the detector and the backbone configs."""
+
+    @property
+    def vae_downsample_factor(self) -> int:
+        """Pixels per latent cell along each axis (1 in pixel space)."""
+        if self.vae_config is None:
+            return 1
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def backbone_stride(self) -> int:
+        """Pixels per backbone token along each axis; input height and width must be multiples of it."""
+        return self.vae_downsample_factor * self.patch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class DiTDetectionConfig(DiTGeometryMixin, PretrainedConfig):
     r"""
     Configuration of [`DiTDetectionModel`] and [`DiTForObjectDetection`].
 
@@ -205,22 +226,6 @@ class DiTDetectionConfig(PretrainedConfig):
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(presets)}.")
         return cls(**{**copy.deepcopy(presets[name]), **overrides})
 
-    @property
-    def vae_downsample_factor(self) -> int:
-        """Pixels per latent cell along each axis (1 in pixel space)."""
-        if self.vae_config is None:
-            return 1
-        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
-
-    @property
-    def backbone_stride(self) -> int:
-        """Pixels per backbone token along each axis; input height and width must be multiples of it."""
-        return self.vae_downsample_factor * self.patch_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
     def _validate(self) -> None:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -252,6 +257,48 @@ class DiTDetectionConfig(PretrainedConfig):
             if side % self.backbone_stride:
                 raise ValueError(f"image_size {tuple(self.image_size)} is not a multiple of the backbone stride "
                                  f"{self.backbone_stride} (VAE x{self.vae_downsample_factor}, patch {self.patch_size}).")
+
+
+# The fields of a `DiTDetectionConfig` that describe the backbone (VAE + DiT + fixed conditioning), not the head.
+BACKBONE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size", "in_channels", "mlp_ratio",
+                   "num_class_embeds", "frequency_embedding_size", "timestep_freq_shift", "attention_norm_eps",
+                   "mlp_norm_eps", "attention_bias", "base_grid_size", "vae_config", "image_size", "feature_timestep",
+                   "num_train_timesteps", "beta_start", "beta_end", "noise_seed", "fold_conditioning",
+                   "initializer_range")
+
+
+class DiTBackboneConfig(DiTGeometryMixin, BackboneConfigMixin, PretrainedConfig):
+    r"""
+    The DiT (and its VAE encoder) of a [`DiTDetectionConfig`] as a transformers backbone for `AutoBackbone`: any
+    detector of transformers that takes a `backbone_config` can read DiT features, e.g.
+    `DetrConfig(backbone_config=DiTBackboneConfig(...), use_timm_backbone=False, use_pretrained_backbone=False)`.
+
+    Stages are "stem" (the embedded patches) and "stage1" ... "stageN" (the outputs of the N DiT blocks); each
+    feature map is `[batch, hidden_size, H / stride, W / stride]`.
+
+    Args:
+        out_features (`list[str]`, *optional*), out_indices (`list[int]`, *optional*): the stages to return, by name
+            or by index into the stage names (0 = stem); default: the last block.
+        **kwargs: the backbone fields of `DiTDetectionConfig` (`BACKBONE_FIELDS`: geometry, `vae_config`,
+            `feature_timestep`, ...), with the same defaults (DiT-XL/2-256 with its VAE).
+    """
+
+    model_type = "dit_backbone"
+
+    def __init__(self, out_features: list[str] | None = None, out_indices: list[int] | None = None, **kwargs):
+        dit = {key: kwargs.pop(key) for key in BACKBONE_FIELDS if key in kwargs}
+        # A detector config with one tap validates the geometry and fills in every default.
+        detection = DiTDetectionConfig(**dit, out_indices=[dit.get("num_hidden_layers", 28) - 1])
+        for key in BACKBONE_FIELDS:
+            setattr(self, key, getattr(detection, key))
+        super().__init__(**kwargs)
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+
+    def to_detection_config(self, **head_fields) -> DiTDetectionConfig:
+        """A `DiTDetectionConfig` with this backbone (the head from `head_fields` or the defaults)."""
+        head_fields.setdefault("out_indices", [self.num_hidden_layers - 1])
+        return DiTDetectionConfig(**{key: getattr(self, key) for key in BACKBONE_FIELDS}, **head_fields)
 
 
 def _pair(size) -> list[int]:

@@ -408,19 +408,30 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return np.rint((array - low) * 255.0 / max(high - low, 1.0)).astype(np.uint8)
 
 
-def make_train_augmentation(image_size: tuple[int, int]) -> v2.Transform:
+AUGMENTATIONS = ("strong", "light", "none")
+
+
+def make_train_augmentation(image_size: tuple[int, int], strength: str = "strong") -> v2.Transform | None:
     """
     Training augmentation on {"image", "boxes" (`BoundingBoxes`), "labels"}; boxes stay valid and aligned to labels.
 
-    Horizontal flip (p=0.5); zoom out (p=0.3, canvas up to 2x, mid-grey fill = 0 after the processor's [-1, 1]
-    normalisation); SSD IoU crop (p=0.5; scale 0.3..1 per side, min IoU drawn from {0, .1, .3, .5, .7, .9, no crop});
-    resize to `image_size` (height, width), where SanitizeBoundingBoxes then drops boxes under 1 pixel (as the model
-    sees them) with their labels; colour jitter (p=0.8; mild hue so class colours stay themselves).
+    "strong": horizontal flip (p=0.5); zoom out (p=0.3, canvas up to 2x, mid-grey fill = 0 after the processor's
+    [-1, 1] normalisation); SSD IoU crop (p=0.5; scale 0.3..1 per side, min IoU drawn from {0, .1, .3, .5, .7, .9,
+    no crop}); resize to `image_size` (height, width), where SanitizeBoundingBoxes then drops boxes under 1 pixel
+    (as the model sees them) with their labels; colour jitter (p=0.8; mild hue so class colours stay themselves).
+    "light": flip and colour jitter only (object scales unchanged: learns faster on short schedules).
+    "none": None.
     """
+    if strength not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {strength!r}.")
+    if strength == "none":
+        return None
+    geometric = [v2.RandomHorizontalFlip(p=0.5)]
+    if strength == "strong":
+        geometric += [v2.RandomZoomOut(fill=128, side_range=(1.0, 2.0), p=0.3),
+                      v2.RandomApply([v2.RandomIoUCrop(min_scale=0.3)], p=0.5)]
     return v2.Compose([
-        v2.RandomHorizontalFlip(p=0.5),
-        v2.RandomZoomOut(fill=128, side_range=(1.0, 2.0), p=0.3),
-        v2.RandomApply([v2.RandomIoUCrop(min_scale=0.3)], p=0.5),
+        *geometric,
         v2.Resize(tuple(image_size)),
         v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02)], p=0.8),
         v2.SanitizeBoundingBoxes(min_size=1.0),
@@ -471,6 +482,6 @@ def collate_fn(examples: list[dict]) -> dict:
             "labels": [example["labels"] for example in examples]}
 
 
-__all__ = ["CANONICAL_FEATURES", "DataReport", "DetectionTransform", "clean_split", "collate_fn",
+__all__ = ["AUGMENTATIONS", "CANONICAL_FEATURES", "DataReport", "DetectionTransform", "clean_split", "collate_fn",
            "load_detection_dataset", "load_rgb", "make_train_augmentation",
            "prepare_detection_dataset"]

@@ -19,9 +19,11 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_outputs import BackboneOutput
 from transformers.utils import ModelOutput
 
-from .configuration_dit_detection import DiTDetectionConfig
+from .configuration_dit_detection import BACKBONE_FIELDS, DiTBackboneConfig, DiTDetectionConfig
 from .loss_dit_detection import DiTDetectionCriterion, HungarianMatcher, SetPredictions, validate_labels
 
 
@@ -501,6 +503,33 @@ class DiTDetectionObjectDetectionOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
+def diffusion_input(pixel_values: torch.Tensor, vae: nn.Module | None, config) -> torch.Tensor:
+    """pixels `[B, 3, H, W]` in [-1, 1] -> what the DiT reads: (VAE latents, or pixels) noised to
+    `config.feature_timestep` with a fixed noise that depends only on the latent shape and `config.noise_seed`."""
+    latents = vae(pixel_values) if vae is not None else pixel_values
+    timestep = config.feature_timestep
+    if timestep == 0:
+        return latents
+    generator = torch.Generator().manual_seed(config.noise_seed)
+    noise = torch.randn((1, *latents.shape[1:]), generator=generator).to(latents.device, latents.dtype)
+    signal_rate = alphas_cumprod(config)[timestep].item()
+    return math.sqrt(signal_rate) * latents + math.sqrt(1 - signal_rate) * noise
+
+
+def check_pixel_values(pixel_values: torch.Tensor, config) -> None:
+    """A clear error for inputs the backbone cannot read: not `[B, 3, H, W]`, or H, W not multiples of the stride."""
+    stride = config.backbone_stride
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"pixel_values must be [batch, 3, height, width], got {tuple(pixel_values.shape)}.")
+    height, width = pixel_values.shape[-2:]
+    if height % stride or width % stride:
+        raise ValueError(
+            f"pixel_values of {height}x{width} (height x width) are not a multiple of the backbone stride {stride} "
+            f"(VAE x{config.vae_downsample_factor}, patch {config.patch_size}); resize or pad them, "
+            f"e.g. with DiTDetectionImageProcessor."
+        )
+
+
 class DiTDetectionPreTrainedModel(PreTrainedModel):
     config: DiTDetectionConfig
     config_class = DiTDetectionConfig
@@ -610,28 +639,11 @@ class DiTDetectionModel(DiTDetectionPreTrainedModel):
         self.post_init()
 
     def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixels `[B, 3, H, W]` in [-1, 1] -> what the DiT reads: (VAE latents, or pixels) noised to
-        `feature_timestep` with a fixed noise that depends only on the latent shape and `noise_seed`."""
-        latents = self.vae(pixel_values) if self.vae is not None else pixel_values
-        timestep = self.config.feature_timestep
-        if timestep == 0:
-            return latents
-        generator = torch.Generator().manual_seed(self.config.noise_seed)
-        noise = torch.randn((1, *latents.shape[1:]), generator=generator).to(latents.device, latents.dtype)
-        signal_rate = alphas_cumprod(self.config)[timestep].item()
-        return math.sqrt(signal_rate) * latents + math.sqrt(1 - signal_rate) * noise
+        """pixels `[B, 3, H, W]` in [-1, 1] -> what the DiT reads (see `diffusion_input`)."""
+        return diffusion_input(pixel_values, self.vae, self.config)
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        stride = self.config.backbone_stride
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must be [batch, 3, height, width], got {tuple(pixel_values.shape)}.")
-        height, width = pixel_values.shape[-2:]
-        if height % stride or width % stride:
-            raise ValueError(
-                f"pixel_values of {height}x{width} (height x width) are not a multiple of the backbone stride {stride} "
-                f"(VAE x{self.config.vae_downsample_factor}, patch {self.config.patch_size}); resize or pad them, "
-                f"e.g. with DiTDetectionImageProcessor."
-            )
+        check_pixel_values(pixel_values, self.config)
 
     def select_proposals(self, memory: torch.Tensor, spatial_shapes: list[tuple[int, int]]):
         """Score every pyramid token as an object proposal (a box around an anchor at the token) and keep the
@@ -773,3 +785,59 @@ class DiTForObjectDetection(DiTDetectionPreTrainedModel):
         criterion = DiTDetectionCriterion(matcher, config.class_loss_coefficient, config.bbox_loss_coefficient,
                                           config.giou_loss_coefficient, config.focal_alpha, config.focal_gamma)
         return criterion(predictions, labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DiT as a transformers backbone
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DiTBackboneModel(BackboneMixin, DiTDetectionPreTrainedModel):
+    """The VAE encoder (if any) and the DiT of a detector as a transformers backbone (`AutoBackbone`): feature maps
+    `[batch, hidden_size, H / stride, W / stride]` of the stages in `config.out_features` ("stem" = the embedded
+    patches, "stageN" = the output of block N). Inputs are pixels in [-1, 1], as `DiTDetectionImageProcessor` makes
+    them."""
+
+    config: DiTBackboneConfig
+    config_class = DiTBackboneConfig
+    base_model_prefix = "dit"
+    _no_split_modules = ["DiTBlock"]
+
+    def __init__(self, config: DiTBackboneConfig):
+        super().__init__(config)
+        self.vae = DiTDetectionVAEEncoder(config.vae_config) if config.vae_config is not None else None
+        self.backbone = DiTBackbone(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.post_init()
+
+    @classmethod
+    def from_detector(cls, detector: PreTrainedModel, out_features: list[str] | None = None,
+                      out_indices: list[int] | None = None) -> DiTBackboneModel:
+        """The backbone of a `DiTForObjectDetection` / `DiTDetectionModel` (e.g. one made by `from_diffusers`),
+        weights shared, not copied; default stages: the detector's tapped blocks."""
+        detection_config = detector.config
+        if out_features is None and out_indices is None:
+            out_indices = [i + 1 for i in detection_config.out_indices]
+        config = DiTBackboneConfig(**{key: getattr(detection_config, key) for key in BACKBONE_FIELDS},
+                                   out_features=out_features, out_indices=out_indices)
+        base = getattr(detector, "model", detector)
+        model = cls(config)
+        model.vae, model.backbone = base.vae, base.backbone
+        return model
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None, **kwargs) -> BackboneOutput:
+        """pixel_values `[batch, 3, H, W]` in [-1, 1], H and W multiples of `config.backbone_stride`."""
+        check_pixel_values(pixel_values, self.config)
+        config = self.config
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
+        latents = diffusion_input(pixel_values, self.vae, config)
+        deepest = max(self.out_indices)
+        states = self.backbone(latents, config.feature_timestep,
+                               None if output_hidden_states else deepest)
+        batch = pixel_values.shape[0]
+        grid = (latents.shape[-2] // config.patch_size, latents.shape[-1] // config.patch_size)
+        feature_maps = tuple(states[i].transpose(1, 2).reshape(batch, config.hidden_size, *grid)
+                             for i in self.out_indices)
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=states if output_hidden_states else None)

@@ -335,3 +335,22 @@ def test_nan_free_collation_of_a_mixed_batch():
     batch = collate_fn([dataset[i] for i in range(3)])
     assert [len(label["boxes"]) for label in batch["labels"]][2] == 0
     assert all(math.isfinite(v) for label in batch["labels"] for v in label["boxes"].flatten().tolist())
+
+
+def test_augmentation_strengths():
+    image = PIL.Image.new("RGB", (48, 40), (128, 128, 128))
+    assert make_train_augmentation((32, 32), "none") is None
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        make_train_augmentation((32, 32), "medium")
+    transform = DetectionTransform(DiTDetectionImageProcessor(size={"height": 32, "width": 32}, size_divisor=4),
+                                   make_train_augmentation((32, 32), "light"))
+    torch.manual_seed(0)
+    widths = set()
+    for _ in range(20):
+        out = transform({"image": [image], "image_id": [0], "objects": [{"bbox": [[4.0, 8.0, 12.0, 16.0]],
+                                                                          "category": [1]}]})
+        boxes = out["labels"][0]["boxes"]
+        assert len(boxes) == 1  # light never crops an object away
+        widths.add(round(boxes[0, 2].item(), 4))
+        assert round(boxes[0, 1].item(), 4) == 0.4  # only horizontal flips: cy = (8 + 8) / 40 stays
+    assert widths == {0.25}  # no zoom: w stays 12 / 48
