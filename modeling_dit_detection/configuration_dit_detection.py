@@ -128,7 +128,7 @@ class DiTDetectionConfig(DiTGeometryMixin, PretrainedConfig):
     model_type = "dit_detection"
     # Only logits and boxes are concatenated across the eval set by the Trainer (transformers#25939, #34675).
     keys_to_ignore_at_inference = ["loss_dict", "auxiliary_outputs", "proposal_logits", "proposal_boxes",
-                                   "last_hidden_state", "hidden_states"]
+                                   "token_logits", "token_boxes", "last_hidden_state", "hidden_states"]
 
     def __init__(
         self,

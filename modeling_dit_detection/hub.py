@@ -46,3 +46,23 @@ def push_folder_to_hub(folder, repo_id: str, token: str | None = None, private: 
         return None
     logger.info("Pushed %s to %s", folder, commit)
     return str(commit)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m modeling_dit_detection.hub",
+                                     description="Upload a run_detection.py output folder to the Hugging Face Hub "
+                                                 "(without its checkpoints).")
+    parser.add_argument("folder", help="The output folder (model, processor, code, card, metrics).")
+    parser.add_argument("repo_id", help="The model repo, e.g. your-name/dit-xl-2-256-cppe5; created if missing.")
+    parser.add_argument("--private", action="store_true", help="Create the repo private.")
+    parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one, or HF_TOKEN).")
+    args = parser.parse_args(argv)
+    url = push_folder_to_hub(args.folder, args.repo_id, token=args.token, private=args.private or None)
+    raise SystemExit(0 if url else 1)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

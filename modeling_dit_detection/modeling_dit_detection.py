@@ -464,6 +464,9 @@ class DiTDetectionModelOutput(ModelOutput):
     intermediate_boxes (`[decoder_layers, batch, queries, 4]`): every layer's refined boxes, cx, cy, w, h in 0..1.
     proposal_logits (`[batch, queries, num_labels]`), proposal_boxes (`[batch, queries, 4]`): the selected
         proposals from the pyramid tokens that initialise the queries' reference boxes.
+    token_logits (`[batch, pyramid tokens, num_labels]`), token_boxes (`[batch, pyramid tokens, 4]`): every pyramid
+        token scored as a proposal; the loss supervises all of them (Deformable DETR's two-stage encoder loss), so
+        the selection learns from every token, not only from the ones it happened to pick.
     hidden_states (tuple of `[batch, tokens, hidden_size]`): the backbone's embedded tokens and every block's
         output (`num_hidden_layers + 1` entries), when `output_hidden_states=True`.
 
@@ -475,6 +478,8 @@ class DiTDetectionModelOutput(ModelOutput):
     intermediate_boxes: torch.FloatTensor | None = None
     proposal_logits: torch.FloatTensor | None = None
     proposal_boxes: torch.FloatTensor | None = None
+    token_logits: torch.FloatTensor | None = None
+    token_boxes: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -645,9 +650,9 @@ class DiTDetectionModel(DiTDetectionPreTrainedModel):
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         check_pixel_values(pixel_values, self.config)
 
-    def select_proposals(self, memory: torch.Tensor, spatial_shapes: list[tuple[int, int]]):
-        """Score every pyramid token as an object proposal (a box around an anchor at the token) and keep the
-        `num_queries` best: memory `[B, S, d]` -> (logits `[B, Q, C]`, boxes `[B, Q, 4]`)."""
+    def score_tokens(self, memory: torch.Tensor, spatial_shapes: list[tuple[int, int]]):
+        """Every pyramid token as an object proposal, a box around an anchor at the token:
+        memory `[B, S, d]` -> (logits `[B, S, C]`, boxes `[B, S, 4]` cx, cy, w, h in 0..1)."""
         anchors = _token_anchors(spatial_shapes, memory.device, memory.dtype)  # [S, 4]
         num_queries = self.config.num_queries
         if anchors.shape[0] < num_queries:
@@ -656,9 +661,7 @@ class DiTDetectionModel(DiTDetectionPreTrainedModel):
         features = self.proposal_norm(self.proposal_proj(memory))
         logits = self.proposal_class_head(features)
         boxes = (self.proposal_box_head(features) + inverse_sigmoid(anchors)).sigmoid()
-        top = logits.max(-1).values.topk(num_queries, dim=1).indices
-        return (logits.gather(1, top[..., None].expand(-1, -1, logits.shape[-1])),
-                boxes.gather(1, top[..., None].expand(-1, -1, 4)))
+        return logits, boxes
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None) -> DiTDetectionModelOutput:
         """pixel_values `[batch, 3, H, W]` in [-1, 1], H and W multiples of `config.backbone_stride`."""
@@ -675,7 +678,11 @@ class DiTDetectionModel(DiTDetectionPreTrainedModel):
 
         spatial_shapes = [tuple(level.shape[-2:]) for level in pyramid]
         memory = torch.cat([level.flatten(2).transpose(1, 2) for level in pyramid], dim=1)
-        proposal_logits, proposal_boxes = self.select_proposals(memory, spatial_shapes)
+        token_logits, token_boxes = self.score_tokens(memory, spatial_shapes)
+        # The best-scoring tokens' boxes become the queries' reference boxes.
+        top = token_logits.max(-1).values.topk(config.num_queries, dim=1).indices
+        proposal_logits = token_logits.gather(1, top[..., None].expand(-1, -1, token_logits.shape[-1]))
+        proposal_boxes = token_boxes.gather(1, top[..., None].expand(-1, -1, 4))
 
         num_groups = config.num_query_groups if self.training else 1
         batch = pixel_values.shape[0]
@@ -690,6 +697,8 @@ class DiTDetectionModel(DiTDetectionPreTrainedModel):
             intermediate_boxes=boxes,
             proposal_logits=proposal_logits,
             proposal_boxes=proposal_boxes,
+            token_logits=token_logits,
+            token_boxes=token_boxes,
             hidden_states=backbone_states if output_hidden_states else None,
         )
 
@@ -753,7 +762,7 @@ class DiTForObjectDetection(DiTDetectionPreTrainedModel):
 
         loss = loss_dict = None
         if labels is not None:
-            loss, loss_dict = self.compute_loss(logits, boxes, outputs.proposal_logits, outputs.proposal_boxes, labels)
+            loss, loss_dict = self.compute_loss(logits, boxes, outputs.token_logits, outputs.token_boxes, labels)
 
         num_queries = self.config.num_queries  # the first group is the inference group
         return DiTDetectionObjectDetectionOutput(
@@ -769,17 +778,17 @@ class DiTForObjectDetection(DiTDetectionPreTrainedModel):
             hidden_states=outputs.hidden_states,
         )
 
-    def compute_loss(self, logits, boxes, proposal_logits, proposal_boxes, labels):
-        """Set-prediction loss of every decoder layer (all query groups) and of the proposals."""
+    def compute_loss(self, logits, boxes, token_logits, token_boxes, labels):
+        """Set-prediction loss of every decoder layer (all query groups) and of every pyramid token's proposal."""
         config = self.config
-        device = proposal_logits.device
+        device = token_logits.device
         labels = [{key: value.to(device) if torch.is_tensor(value) else value for key, value in target.items()}
                   for target in labels]
         num_groups = logits[-1].shape[1] // config.num_queries
         predictions = [SetPredictions("", logits[-1], boxes[-1], num_groups)]
         predictions += [SetPredictions(f"dec_{i}", layer_logits, layer_boxes, num_groups)
                         for i, (layer_logits, layer_boxes) in enumerate(zip(logits[:-1], boxes[:-1]))]
-        predictions.append(SetPredictions("proposals", proposal_logits, proposal_boxes, 1))
+        predictions.append(SetPredictions("proposals", token_logits, token_boxes, 1))
         matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost,
                                    config.focal_alpha, config.focal_gamma)
         criterion = DiTDetectionCriterion(matcher, config.class_loss_coefficient, config.bbox_loss_coefficient,

@@ -8,6 +8,7 @@ The VAE encoder is always frozen.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from torch import nn
@@ -76,12 +77,21 @@ def parameter_groups(model: nn.Module, learning_rate: float, backbone_learning_r
 
 
 class DetectionTrainer(Trainer):
-    """`Trainer` whose optimiser gives the backbone its own, layer-wise decayed learning rate."""
+    """`Trainer` whose optimiser gives the backbone its own, layer-wise decayed learning rate, and whose every
+    evaluation gathers per-image labels as objects."""
 
     def __init__(self, *args, backbone_learning_rate: float | None = None, layer_decay: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.backbone_learning_rate = backbone_learning_rate
         self.layer_decay = layer_decay
+
+    def evaluation_loop(self, *args, **kwargs):
+        # transformers ends every evaluation loop with `self.gather_function = accelerator.gather_for_metrics`,
+        # dropping `use_gather_object`: from the second evaluation of a Trainer on, the per-image label dicts would be
+        # gathered as tensors and every tensor in them cut to the batch remainder (multi-process runs only).
+        self.gather_function = functools.partial(self.accelerator.gather_for_metrics,
+                                                 use_gather_object=self.args.eval_use_gather_object)
+        return super().evaluation_loop(*args, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:

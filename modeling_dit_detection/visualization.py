@@ -29,8 +29,12 @@ def draw_detections(image: Image.Image, detections: dict, id2label: dict[int, st
 
 def detection_grid(images: list[Image.Image], detections: list[dict], id2label: dict[int, str], columns: int = 4,
                    tile_size: tuple[int, int] = (256, 256)) -> Image.Image:
-    """Images with their detections drawn, resized to `tile_size` (height, width) and tiled `columns` wide."""
+    """Images resized to `tile_size` (height, width), their detections (boxes in the original image's pixels)
+    drawn on the resized image so captions stay legible, tiled `columns` wide."""
     height, width = tile_size
-    tiles = [pil_to_tensor(draw_detections(image, found, id2label).resize((width, height)))
-             for image, found in zip(images, detections)]
+    tiles = []
+    for image, found in zip(images, detections):
+        scale = torch.tensor([width / image.width, height / image.height] * 2)
+        scaled = {**found, "boxes": torch.as_tensor(found["boxes"]).reshape(-1, 4).float() * scale}
+        tiles.append(pil_to_tensor(draw_detections(image.convert("RGB").resize((width, height)), scaled, id2label)))
     return to_pil_image(make_grid(tiles, nrow=columns, padding=4, pad_value=255))

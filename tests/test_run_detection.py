@@ -11,6 +11,7 @@ import datasets
 import PIL.Image
 import pytest
 import torch
+import transformers
 from helpers import ROOT, SMALL_JOB, StageRecorder, load_run_detection
 from transformers import AutoModelForObjectDetection, pipeline
 
@@ -188,3 +189,41 @@ def test_default_job_as_the_readme_runs_it(tmp_path):
     assert match, result.stdout[-2000:]
     low, high = DOCUMENTED_TEST_MAP
     assert low <= float(match.group(1)) <= high
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_ddp_run_matches_single_process_evaluation(tmp_path):
+    """torchrun with 2 CPU processes (gloo): both stages train (each its own DDP wrap, frozen parameters and all),
+    and the distributed evaluation counts every test image once, with its own labels (transformers#13197, #25939):
+    its mAP equals a single-process evaluation of the saved model."""
+    output_dir = tmp_path / "ddp"
+    # 5 test images over 2 processes: the sampler pads one duplicate, which must not be counted.
+    argv = [*SMALL_JOB, "--synthetic_eval_size", "5", "--per_device_eval_batch_size", "2", "--report_to", "none"]
+    # On CPU, transformers only runs DDP (gloo) with --use_cpu; without it each process would train alone.
+    ddp = ["--ddp_backend", "gloo", "--use_cpu", "true", "--output_dir", str(output_dir)]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(_free_port()), str(ROOT / "run_detection.py"), *argv, *ddp],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    distributed = json.loads((output_dir / "all_results.json").read_text())
+
+    _, data_args, _, training_args = run_detection.parse_arguments([*argv, "--output_dir", str(tmp_path / "single")])
+    dataset, id2label, _ = run_detection.load_data(data_args, training_args.seed)
+    model = AutoModelForObjectDetection.from_pretrained(output_dir).eval()
+    processor = run_detection.DiTDetectionImageProcessor.from_pretrained(output_dir)
+    evaluator = run_detection.DetectionEvaluator(processor, id2label)
+    batch = run_detection.collate_fn(list(dataset["test"].with_transform(run_detection.DetectionTransform(processor))))
+    with torch.no_grad():
+        outputs = model(batch["pixel_values"])
+    single = evaluator(transformers.EvalPrediction(predictions=evaluator.preprocess(outputs),
+                                                   label_ids=batch["labels"]), compute_result=True)
+    assert len(dataset["test"]) == 5
+    for key in ("map", "map_50", "map_75", "mar_100"):
+        assert distributed[f"test_{key}"] == pytest.approx(single[key], abs=1e-6), key
