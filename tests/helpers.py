@@ -87,10 +87,10 @@ SMALL_JOB = ["--model_preset", "tiny", "--synthetic_train_size", "24", "--synthe
 
 class StageRecorder(TrainerCallback):
     """Records, per Trainer run (= stage): its output folder, the steps it ran, and what happened to the weights.
-    `fail_at_stage2_step` raises there, as a crash would."""
+    `fail_at=("stage2", 4)` raises after that stage's step 4, as a crash would."""
 
-    def __init__(self, fail_at_stage2_step: int | None = None):
-        self.runs, self.fail_at_stage2_step = [], fail_at_stage2_step
+    def __init__(self, fail_at: tuple[str, int] | None = None):
+        self.runs, self.fail_at = [], fail_at
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         backbone = {k: v.detach().clone() for k, v in model.model.backbone.state_dict().items()}
@@ -102,7 +102,7 @@ class StageRecorder(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         run = self.runs[-1]
         run["steps"].append(state.global_step)
-        if run["stage"] == "stage2" and state.global_step == self.fail_at_stage2_step:
+        if (run["stage"], state.global_step) == self.fail_at:
             raise RuntimeError("simulated crash")
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

@@ -19,7 +19,7 @@ run_detection = load_run_detection()
 
 STEPS_PER_EPOCH = 3  # of SMALL_JOB
 # The README states the default job's measured test mAP; a run on another machine or library version may differ a bit.
-DOCUMENTED_TEST_MAP = (0.0, 1.0)
+DOCUMENTED_TEST_MAP = (0.12, 0.3)  # measured: 0.198
 
 
 def _run(argv, callbacks=()):
@@ -92,7 +92,7 @@ def test_resume_after_a_crash_in_stage_two(tmp_path):
     output_dir = tmp_path / "out"
     argv = [*SMALL_JOB, "--output_dir", str(output_dir), "--num_train_epochs", "3"]
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _run(argv, callbacks=[StageRecorder(fail_at_stage2_step=STEPS_PER_EPOCH + 1)])
+        _run(argv, callbacks=[StageRecorder(fail_at=("stage2", STEPS_PER_EPOCH + 1))])
     assert (output_dir / "stage1" / "completed").exists()
     assert (output_dir / "stage2" / f"checkpoint-{STEPS_PER_EPOCH}").is_dir()
     assert not (output_dir / "model.safetensors").exists()
@@ -102,6 +102,23 @@ def test_resume_after_a_crash_in_stage_two(tmp_path):
     assert [run["stage"] for run in recorder.runs] == ["stage2"]  # stage one is not trained again
     assert recorder.runs[0]["steps"] == list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))
     assert (output_dir / "model.safetensors").is_file() and "test_map" in metrics
+
+
+def test_resume_after_a_crash_in_stage_one(tmp_path):
+    output_dir = tmp_path / "out"
+    argv = [*SMALL_JOB, "--output_dir", str(output_dir), "--num_train_epochs", "3", "--freeze_backbone_epochs", "2",
+            "--synthetic_eval_size", "2"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(argv, callbacks=[StageRecorder(fail_at=("stage1", STEPS_PER_EPOCH + 1))])
+    assert not (output_dir / "stage1" / "completed").exists()
+
+    recorder = StageRecorder()
+    _run([*argv, "--resume_from_checkpoint", "true"], callbacks=[recorder])
+    stage1, stage2 = recorder.runs
+    assert stage1["steps"] == list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))  # from checkpoint-3
+    assert not any(stage1["backbone_changed"].values())  # still frozen after resuming
+    assert stage2["steps"] == list(range(1, STEPS_PER_EPOCH + 1))
+    assert (output_dir / "model.safetensors").is_file()
 
 
 def test_arguments_from_json_and_yaml(tmp_path):
