@@ -8,14 +8,19 @@ The VAE encoder is always frozen.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import re
+from pathlib import Path
 
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
 from .modeling_dit_detection import DiTBackbone, DiTDetectionVAEEncoder
 
+logger = logging.getLogger(__name__)
 _BLOCK = re.compile(r"(?:^|\.)backbone\.layers\.(\d+)\.")
 
 
@@ -103,3 +108,49 @@ class DetectionTrainer(Trainer):
                                       self.args.weight_decay, set(self.get_decay_parameter_names(model)))
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+
+def train_in_stages(model, training_args, stage_args, make_trainer):
+    """Stage one (frozen backbone), then stage two (backbone trains), each its own Trainer and DDP wrap, each with
+    its own checkpoints under output_dir/stage1, output_dir/stage2. Returns the last trainer and per-stage
+    train metrics. Resuming picks up the stage the latest checkpoint belongs to."""
+    total = training_args.num_train_epochs
+    stage_one = min(stage_args.freeze_backbone_epochs, total)
+    stages = [(1, stage_one, False), (2, total - stage_one, True)]
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    stage_one_done = output_dir / "stage1" / "completed"
+    trainer, metrics = None, {}
+    for number, epochs, train_backbone in stages:
+        if epochs <= 0:
+            continue
+        stage_dir = output_dir / f"stage{number}"
+        if number == 1 and resume and stage_one_done.exists():
+            logger.info("Stage one already completed in %s: skipping it.", stage_dir)
+            continue
+        set_trainable(model, train_backbone, stage_args.unfreeze_last_blocks)
+        logger.info("Stage %d: %g epoch(s), %s backbone, %s trainable parameters.", number, epochs,
+                    "training the" if train_backbone else "frozen", f"{count_trainable(model):,}")
+        args = dataclasses.replace(training_args, output_dir=str(stage_dir), num_train_epochs=epochs,
+                                   push_to_hub=False, resume_from_checkpoint=None)
+        trainer = make_trainer(args, backbone_lr=stage_args.backbone_learning_rate or training_args.learning_rate / 10,
+                               layer_decay=stage_args.layer_decay)
+        checkpoint = None
+        if resume:
+            checkpoint = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
+            if number == 2 and checkpoint is None and stage_one_done.exists():
+                _load_weights(model, stage_one_done.parent / "final")
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics.update({f"stage{number}_{key}": value for key, value in result.metrics.items()})
+        if number == 1:
+            trainer.save_model(str(stage_one_done.parent / "final"))
+            if trainer.is_world_process_zero():
+                stage_one_done.write_text("stage one finished\n")
+    return trainer, metrics
+
+
+def _load_weights(model, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    logger.info("Loaded the stage-one weights from %s.", folder)

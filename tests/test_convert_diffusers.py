@@ -13,7 +13,6 @@ from modeling_dit_detection.convert_diffusers_dit import (
     default_out_indices,
     vae_encoder_state_dict_from_diffusers,
 )
-from modeling_dit_detection.modeling_dit_detection import alphas_cumprod
 
 NUM_CLASSES = 10  # ImageNet-style class conditioning of the tiny DiT; the null class is 10
 ID2LABEL = {0: "cat", 1: "dog", 2: "bird"}

@@ -5,7 +5,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import PIL.Image
@@ -19,7 +18,7 @@ run_detection = load_run_detection()
 
 STEPS_PER_EPOCH = 3  # of SMALL_JOB
 # The README states the default job's measured test mAP; a run on another machine or library version may differ a bit.
-DOCUMENTED_TEST_MAP = (0.12, 0.3)  # measured: 0.198
+DOCUMENTED_TEST_MAP = (0.12, 0.3)  # measured: 0.199
 
 
 def _run(argv, callbacks=()):
@@ -224,7 +223,9 @@ def test_two_process_ddp_run_matches_single_process_evaluation(tmp_path):
     # 5 test images over 2 processes: the sampler pads one duplicate, which must not be counted.
     argv = [*SMALL_JOB, "--synthetic_eval_size", "5", "--per_device_eval_batch_size", "2", "--report_to", "none"]
     # On CPU, transformers only runs DDP (gloo) with --use_cpu; without it each process would train alone.
-    ddp = ["--ddp_backend", "gloo", "--use_cpu", "true", "--output_dir", str(output_dir)]
+    # Gradient checkpointing with a frozen backbone in stage one is the combination DDP trips on most easily.
+    ddp = ["--ddp_backend", "gloo", "--use_cpu", "true", "--gradient_checkpointing", "true",
+           "--output_dir", str(output_dir)]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(_free_port()), str(ROOT / "run_detection.py"), *argv, *ddp],
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)

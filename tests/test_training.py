@@ -1,7 +1,6 @@
 """Two-stage training pieces: what trains in each stage, and the layer-wise decayed optimiser groups."""
 
 import pytest
-import torch
 from helpers import tiny_config
 from transformers import TrainingArguments
 
