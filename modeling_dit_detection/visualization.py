@@ -23,7 +23,8 @@ def draw_detections(image: Image.Image, detections: dict, id2label: dict[int, st
         return image.convert("RGB")
     captions = [f"{id2label.get(label, label)} {float(score):.2f}" for label, score in zip(labels, detections["scores"])]
     drawn = draw_bounding_boxes(pil_to_tensor(image.convert("RGB")), torch.as_tensor(detections["boxes"]).reshape(-1, 4),
-                                labels=captions, colors=[class_colour(label) for label in labels], width=2)
+                                labels=captions, colors=[class_colour(label) for label in labels], width=2,
+                                label_colors="black", fill_labels=True)  # captions on their class colour
     return to_pil_image(drawn)
 
 
