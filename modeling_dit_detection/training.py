@@ -113,20 +113,26 @@ class DetectionTrainer(Trainer):
 def train_in_stages(model, training_args, stage_args, make_trainer):
     """Stage one (frozen backbone), then stage two (backbone trains), each its own Trainer and DDP wrap, each with
     its own checkpoints under output_dir/stage1, output_dir/stage2. Returns the last trainer and per-stage
-    train metrics. Resuming picks up the stage the latest checkpoint belongs to."""
+    train metrics.
+
+    `training_args.resume_from_checkpoint`: "true" continues from the latest checkpoint of the stage the run
+    stopped in (a finished stage one is not trained again); a path to one `checkpoint-N` folder under
+    output_dir/stage1 or output_dir/stage2 continues from exactly that one.
+    """
     total = training_args.num_train_epochs
     stage_one = min(stage_args.freeze_backbone_epochs, total)
     stages = [(1, stage_one, False), (2, total - stage_one, True)]
     output_dir = Path(training_args.output_dir)
-    resume = training_args.resume_from_checkpoint
+    resume, given_checkpoint = _resume_request(training_args.resume_from_checkpoint, output_dir)
     stage_one_done = output_dir / "stage1" / "completed"
     trainer, metrics = None, {}
     for number, epochs, train_backbone in stages:
         if epochs <= 0:
             continue
         stage_dir = output_dir / f"stage{number}"
-        if number == 1 and resume and stage_one_done.exists():
-            logger.info("Stage one already completed in %s: skipping it.", stage_dir)
+        given_stage = given_checkpoint.parent.name if given_checkpoint is not None else None
+        if number == 1 and resume and (given_stage == "stage2" or (given_stage is None and stage_one_done.exists())):
+            logger.info("Resuming in stage two: skipping stage one (%s).", stage_dir)
             continue
         set_trainable(model, train_backbone, stage_args.unfreeze_last_blocks)
         logger.info("Stage %d: %g epoch(s), %s backbone, %s trainable parameters.", number, epochs,
@@ -136,10 +142,12 @@ def train_in_stages(model, training_args, stage_args, make_trainer):
         trainer = make_trainer(args, backbone_lr=stage_args.backbone_learning_rate or training_args.learning_rate / 10,
                                layer_decay=stage_args.layer_decay)
         checkpoint = None
-        if resume:
+        if given_stage == stage_dir.name:
+            checkpoint = str(given_checkpoint)
+        elif resume and given_stage is None:
             checkpoint = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
-            if number == 2 and checkpoint is None and stage_one_done.exists():
-                _load_weights(model, stage_one_done.parent / "final")
+        if resume and number == 2 and checkpoint is None and stage_one_done.exists():
+            _load_weights(model, stage_one_done.parent / "final")
         result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics.update({f"stage{number}_{key}": value for key, value in result.metrics.items()})
         if number == 1:
@@ -147,6 +155,20 @@ def train_in_stages(model, training_args, stage_args, make_trainer):
             if trainer.is_world_process_zero():
                 stage_one_done.write_text("stage one finished\n")
     return trainer, metrics
+
+
+def _resume_request(value, output_dir: Path) -> tuple[bool, Path | None]:
+    """(whether to resume, the checkpoint folder asked for or None for "the latest") from --resume_from_checkpoint."""
+    if value is None or str(value).lower() in ("", "false"):
+        return False, None
+    if str(value).lower() == "true" or value is True:
+        return True, None
+    checkpoint = Path(value).resolve()
+    if not checkpoint.is_dir() or checkpoint.parent.name not in ("stage1", "stage2") or \
+            checkpoint.parent.parent != output_dir.resolve():
+        raise ValueError(f"--resume_from_checkpoint {value}: give 'true', or a checkpoint folder of this run "
+                         f"({output_dir}/stage1/checkpoint-N or {output_dir}/stage2/checkpoint-N).")
+    return True, checkpoint
 
 
 def _load_weights(model, folder: Path) -> None:

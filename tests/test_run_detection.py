@@ -96,8 +96,12 @@ def test_resume_after_a_crash_in_stage_two(tmp_path):
     assert (output_dir / "stage2" / f"checkpoint-{STEPS_PER_EPOCH}").is_dir()
     assert not (output_dir / "model.safetensors").exists()
 
-    recorder = StageRecorder()
-    metrics = _run([*argv, "--resume_from_checkpoint", "true"], callbacks=[recorder])
+    with pytest.raises(ValueError, match="give 'true', or a checkpoint folder of this run"):
+        _run([*argv, "--resume_from_checkpoint", str(tmp_path)])
+
+    recorder = StageRecorder()  # resume from an explicit checkpoint here; the stage-one test uses "true"
+    checkpoint = output_dir / "stage2" / f"checkpoint-{STEPS_PER_EPOCH}"
+    metrics = _run([*argv, "--resume_from_checkpoint", str(checkpoint)], callbacks=[recorder])
     assert [run["stage"] for run in recorder.runs] == ["stage2"]  # stage one is not trained again
     assert recorder.runs[0]["steps"] == list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))
     assert (output_dir / "model.safetensors").is_file() and "test_map" in metrics
