@@ -112,12 +112,14 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
     coco_annotations: str | None = field(default=None, metadata={
         "help": "COCO instances json: 'train=a.json,validation=b.json[,test=c.json]' or one path (train only)."})
-    image_dir: str | None = field(default=None, metadata={"help": "Folder the COCO json's file_name entries are in."})
+    image_dir: str | None = field(default=None, metadata={
+        "help": "Folder the COCO json's file_name entries are in: one for all splits, or "
+                "'train=train2017,validation=val2017'. Default: each json's folder."})
     bbox_format: str = field(default="coco", metadata={
         "help": "Box format of the data: coco (x, y, w, h pixels), pascal_voc (x0, y0, x1, y1 pixels) or yolo "
                 "(cx, cy, w, h normalised).", "choices": ["coco", "pascal_voc", "yolo"]})
     validation_split_percentage: float = field(default=0.15, metadata={
-        "help": "Fraction of train held out for validation when the data has no validation split."})
+        "help": "Fraction (0..1, e.g. 0.15) of train held out for validation when the data has no validation split."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={
         "help": "Use at most this many validation and test images."})
@@ -145,6 +147,9 @@ class StageArguments:
         "help": "Stage two learning rate of the last DiT block (default: --learning_rate / 10)."})
     layer_decay: float = field(default=0.9, metadata={
         "help": "Stage two: each earlier DiT block learns at this factor of the next one's rate."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start over in an --output_dir that holds an earlier run's stage1/ and stage2/ folders (they are "
+                "deleted). Without it such a folder is an error, unless --resume_from_checkpoint continues it."})
 
 
 def parse_arguments(argv: list[str]):
@@ -154,8 +159,10 @@ def parse_arguments(argv: list[str]):
         given = json.loads(path.read_text()) if path.suffix == ".json" else _read_yaml(path)
     else:
         given = {key: True for key in _flags(argv)}  # only which options were given matters here
-    synthetic = not any(given.get(key) for key in ("dataset_name", "coco_annotations"))
-    defaults = {**TRAINING_DEFAULTS, **(SYNTHETIC_DEFAULTS if synthetic else {})}
+    # The built-in job (built-in data, new small DiT) has its own recipe; a pretrained DiT or real data gets the
+    # two-stage fine-tuning defaults.
+    built_in = not any(given.get(key) for key in ("dataset_name", "coco_annotations", "model_name_or_path"))
+    defaults = {**TRAINING_DEFAULTS, **(SYNTHETIC_DEFAULTS if built_in else {})}
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         return parser.parse_dict({**defaults, **given})
     parser.set_defaults(**defaults)
@@ -175,13 +182,13 @@ def _read_yaml(path: Path) -> dict:
 def load_data(data_args: DataArguments, seed: int):
     """(DatasetDict with train / validation / maybe test, id2label, dataset name for the card)."""
     if data_args.dataset_name or data_args.coco_annotations:
-        coco = None
-        if data_args.coco_annotations:
-            parts = [part.split("=", 1) for part in data_args.coco_annotations.split(",")]
-            coco = {part[0]: part[1] for part in parts} if all(len(p) == 2 for p in parts) else {"train": parts[0][0]}
+        coco = _split_paths(data_args.coco_annotations, "--coco_annotations") if data_args.coco_annotations else None
+        image_dir = data_args.image_dir
+        if image_dir and "=" in image_dir:
+            image_dir = _split_paths(image_dir, "--image_dir")
         dataset, id2label = load_detection_dataset(
             dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
-            coco_annotations=coco, image_dir=data_args.image_dir, bbox_format=data_args.bbox_format,
+            coco_annotations=coco, image_dir=image_dir, bbox_format=data_args.bbox_format,
             validation_split_percentage=data_args.validation_split_percentage, seed=seed)
         name = data_args.dataset_name or Path(next(iter(coco.values()))).stem
         return dataset, id2label, name
@@ -192,6 +199,17 @@ def load_data(data_args: DataArguments, seed: int):
                                                  num_test=data_args.synthetic_eval_size, image_size=64, seed=seed)
     dataset, id2label = prepare_detection_dataset(generated)
     return dataset, id2label, "synthetic-shapes"
+
+
+def _split_paths(value: str, option: str) -> dict[str, str]:
+    """'train=a,validation=b' -> {"train": "a", "validation": "b"}; a lone path is the train split's."""
+    parts = [part.split("=", 1) for part in value.split(",")]
+    if len(parts) == 1 and len(parts[0]) == 1:
+        return {"train": parts[0][0]}
+    if not all(len(part) == 2 and part[0] in ("train", "validation", "val", "test") and part[1] for part in parts):
+        raise ValueError(f"{option} {value!r}: give one path, or split=path pairs separated by commas "
+                         "(splits: train, validation, test).")
+    return {"validation" if split == "val" else split: path for split, path in parts}
 
 
 def config_overrides(model_args: ModelArguments, id2label: dict[int, str]) -> dict:
@@ -208,11 +226,14 @@ def config_overrides(model_args: ModelArguments, id2label: dict[int, str]) -> di
     return overrides
 
 
-def load_model(model_args: ModelArguments, id2label: dict[int, str], token=None):
+def load_model(model_args: ModelArguments, id2label: dict[int, str], token=None, built_in_data: bool = False):
     """(model, image processor, base model name for the card). The kind of checkpoint is read from its files."""
     overrides = config_overrides(model_args, id2label)
     source = model_args.model_name_or_path
     if source is None:
+        if not built_in_data:
+            logger.warning("No --model_name_or_path: training a new, randomly initialised DiT on your data. Give a "
+                           "pretrained one (e.g. facebook/DiT-XL-2-256) for a useful detector.")
         preset = model_args.model_preset
         config = (DiTDetectionConfig.from_preset(preset, **overrides) if preset
                   else DiTDetectionConfig(**{**SYNTHETIC_MODEL, **overrides}))
@@ -268,19 +289,25 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     set_seed(training_args.seed)
     started = time.time()
 
-    dataset, id2label, dataset_name = load_data(data_args, training_args.seed)
+    with training_args.main_process_first(desc="loading the data"):  # downloads and caches once per machine
+        dataset, id2label, dataset_name = load_data(data_args, training_args.seed)
+    if "validation" not in dataset:
+        raise ValueError("The data has no validation split: give one, or hold out part of train with "
+                         "--validation_split_percentage (e.g. 0.15).")
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
+              "test": data_args.max_eval_samples}
     report = DataReport()
     with training_args.main_process_first(desc="validating the data"):
-        for split in list(dataset):
-            dataset[split] = clean_split(dataset[split], len(id2label), split, report,
+        for split in list(dataset):  # only the records that will be used are checked
+            dataset[split] = clean_split(select(dataset[split], limits[split]), len(id2label), split, report,
                                          skip_bad_images=data_args.skip_bad_images,
                                          num_proc=data_args.preprocessing_num_workers)
     logger.info("Data check:\n%s", report.summary())
-    train = select(dataset["train"], data_args.max_train_samples)
-    validation = select(dataset["validation"], data_args.max_eval_samples)
-    test = select(dataset["test"], data_args.max_eval_samples) if "test" in dataset else None
+    train, validation, test = dataset["train"], dataset["validation"], dataset.get("test")
 
-    model, processor, base_model = load_model(model_args, id2label, token=training_args.hub_token)
+    built_in_data = not (data_args.dataset_name or data_args.coco_annotations)
+    model, processor, base_model = load_model(model_args, id2label, token=training_args.hub_token,
+                                              built_in_data=built_in_data)
     augmentation = make_train_augmentation(tuple(model.config.image_size), data_args.augmentation)
     train_set = train.with_transform(DetectionTransform(processor, augmentation))
     eval_sets = {"validation": validation.with_transform(DetectionTransform(processor))}

@@ -34,7 +34,7 @@ Args:
     Lists, NumPy arrays and torch tensors are all accepted.
 Returns:
     dict of floats: map, map_50, map_75, map_small, map_medium, map_large, mar_1, mar_10, mar_100, mar_small,
-    mar_medium, mar_large, and map_<class name> (AP at IoU 0.50:0.95 per class, -1.0 for a class without ground truth).
+    mar_medium, mar_large, and ap_<class name> (AP at IoU 0.50:0.95 per class, -1.0 for a class without ground truth).
 """
 
 
@@ -61,8 +61,8 @@ class CocoDetectionMetric(evaluate.Metric):
     """COCO box mAP as an `evaluate.Metric`; batches go to evaluate's Arrow cache, so memory stays flat over an eval.
 
     Args:
-        id2label (`dict[int, str]`, *optional*): class names for the per-class keys (`map_<name>`) and the category
-            list (every id in it is a category, plus any id seen in the data). Without it, keys are `map_<id>`.
+        id2label (`dict[int, str]`, *optional*): class names for the per-class keys (`ap_<name>`) and the category
+            list (every id in it is a category, plus any id seen in the data). Without it, keys are `ap_<id>`.
         **kwargs: `evaluate.Metric` options (`cache_dir`, `experiment_id`, `keep_in_memory`, ...).
     """
 
@@ -138,7 +138,7 @@ class CocoDetectionMetric(evaluate.Metric):
             values = values[values > -1]
             name = self.id2label.get(category, str(category))
             # -1.0 for a class without ground truth (COCO's convention), so the keys are the same every evaluation.
-            metrics[f"map_{name}"] = float(values.mean()) if values.size else -1.0
+            metrics[f"ap_{name}"] = float(values.mean()) if values.size else -1.0
         return metrics
 
 

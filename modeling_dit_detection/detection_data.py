@@ -55,7 +55,8 @@ _ROTATED_ORIENTATIONS = (5, 6, 7, 8)
 # ----------------------------------------------------------------------------------------------------------------
 
 def load_detection_dataset(dataset_name: str | None = None, dataset_config_name: str | None = None,
-                           coco_annotations: dict[str, str] | None = None, image_dir: str | None = None,
+                           coco_annotations: dict[str, str] | None = None,
+                           image_dir: str | dict[str, str] | None = None,
                            bbox_format: str = "coco", validation_split_percentage: float = 0.15, seed: int = 42,
                            cache_dir: str | None = None, token: str | bool | None = None,
                            ) -> tuple[DatasetDict, dict[int, str]]:
@@ -65,7 +66,7 @@ def load_detection_dataset(dataset_name: str | None = None, dataset_config_name:
     Sources, told apart by their files: `dataset_name` a folder written by `save_to_disk`; a folder of images with
     `metadata.jsonl` (imagefolder, optionally in train/ validation/ test/ subfolders); otherwise a Hub id (or any
     path `load_dataset` reads). Or `coco_annotations` = {split: COCO instances json}, `file_name`s relative to
-    `image_dir` (default: the json's folder); COCO category ids are mapped to 0..K-1 in ascending id order, and
+    `image_dir` (one folder, or {split: folder} as in COCO's train2017/ val2017/; default: the json's folder); COCO category ids are mapped to 0..K-1 in ascending id order, and
     crowd annotations (`iscrowd=1`) are dropped, as the image processor would drop them anyway, so the schema
     stays cppe-5's (the cost: a COCO-style evaluation on this data sees no crowd "ignore" regions).
 
@@ -103,6 +104,8 @@ def prepare_detection_dataset(raw: Dataset | DatasetDict, bbox_format: str = "co
     `load_detection_dataset` returns them; split names val / valid / dev become validation."""
     if bbox_format not in BBOX_FORMATS:
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}.")
+    if not 0 <= validation_split_percentage < 1:
+        raise ValueError(f"validation_split_percentage is a fraction in [0, 1), got {validation_split_percentage}.")
     splits, id2label = _canonicalize(_rename_splits(raw), bbox_format)
     if "validation" not in splits and validation_split_percentage > 0:
         carved = splits["train"].train_test_split(test_size=validation_split_percentage, seed=seed)
@@ -128,7 +131,7 @@ def _rename_splits(raw: Dataset | DatasetDict) -> DatasetDict:
     return splits
 
 
-def _load_coco(coco_annotations: dict[str, str], image_dir: str | None) -> DatasetDict:
+def _load_coco(coco_annotations: dict[str, str], image_dir: str | dict[str, str] | None) -> DatasetDict:
     """COCO instances jsons -> one `Dataset` per split, categories as a `ClassLabel` over contiguous ids."""
     splits, categories = {}, None
     for split, path in coco_annotations.items():
@@ -147,7 +150,8 @@ def _load_coco(coco_annotations: dict[str, str], image_dir: str | None) -> Datas
                                  f"not among the categories {sorted(index)}.")
             if not ann.get("iscrowd", 0):
                 by_image[ann["image_id"]].append(ann)
-        root = image_dir if image_dir is not None else os.path.dirname(os.path.abspath(path))
+        root = image_dir.get(split) if isinstance(image_dir, dict) else image_dir
+        root = root if root is not None else os.path.dirname(os.path.abspath(path))
         rows = [{"image_id": image["id"], "image": os.path.join(root, image["file_name"]),
                  "width": image.get("width"), "height": image.get("height"),
                  "objects": {"id": [a["id"] for a in anns], "area": [a.get("area", a["bbox"][2] * a["bbox"][3])
@@ -202,7 +206,9 @@ def _canonical_split(dataset: Dataset, split: str, bbox_format: str, key: str, l
     def convert(example, index):
         objects = _dict_of_lists(example["objects"])
         width, height = example.get("width"), example.get("height")
-        if width is None or height is None:
+        if width is None or height is None or bbox_format == "yolo":
+            # YOLO boxes are fractions of the displayed image: never scale them by a stored size that may be wrong
+            # or refer to the image before its EXIF rotation.
             width, height = _displayed_size_or_zero(example["image"])
         boxes = []
         for j, box in enumerate(objects.get("bbox", [])):
@@ -211,8 +217,11 @@ def _canonical_split(dataset: Dataset, split: str, bbox_format: str, key: str, l
                                  f"object {j}: bbox must be 4 numbers, got {box!r}.")
             boxes.append(_to_coco([math.nan if v is None else float(v) for v in box], bbox_format, width, height))
         categories = objects.get(key, [])
-        ids = objects["id"] if not number_objects else list(range(offsets[index], offsets[index] + len(boxes)))
-        return {"image_id": example.get("image_id", index), "width": width, "height": height,
+        ids = objects.get("id", []) if not number_objects else list(range(offsets[index], offsets[index] + len(boxes)))
+        image_id = example.get("image_id", index)
+        if not isinstance(image_id, int) or isinstance(image_id, bool):  # e.g. file names: the row index serves
+            image_id = index
+        return {"image_id": image_id, "width": width, "height": height,
                 "objects": {"id": ids, "area": objects.get("area") or [w * h for _, _, w, h in boxes],
                             "bbox": boxes, "category": [lookup[c] for c in categories] if lookup else categories}}
 

@@ -13,7 +13,9 @@ logger = logging.getLogger(__name__)
 
 # Training state that does not belong in a model repo: checkpoints (optimizer states included) and the stage-one
 # weights. The TensorBoard logs under stage*/runs/ are uploaded: the Hub shows them in a "Training metrics" tab.
-IGNORE_PATTERNS = ["stage*/checkpoint-*/**", "stage1/final/**", "stage1/completed", "checkpoint-*/**"]
+# training_args.bin is a pickle of the TrainingArguments, --hub_token included: it stays local.
+IGNORE_PATTERNS = ["stage*/checkpoint-*/**", "stage1/final/**", "stage1/completed", "checkpoint-*/**",
+                   "training_args.bin", "**/training_args.bin"]
 
 
 def files_to_upload(folder) -> list[str]:

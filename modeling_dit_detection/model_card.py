@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,15 +60,16 @@ def render_model_card(config: DiTDetectionConfig, summary: TrainingSummary, temp
         library_name="transformers",
         pipeline_tag="object-detection",
         license=summary.license,
-        base_model=summary.base_model,
-        datasets=[summary.dataset_name] if "/" in summary.dataset_name else None,
+        # The Hub rejects metadata naming local folders: only Hub ids go there (the text names any source).
+        base_model=summary.base_model if _is_hub_id(summary.base_model) else None,
+        datasets=[summary.dataset_name] if _is_hub_id(summary.dataset_name) and "/" in summary.dataset_name else None,
         tags=["object-detection", "dit", "diffusion-transformer", "detr", *summary.tags],
         model_name=summary.model_name,
         eval_results=eval_results or None,
     )
     class_names = set(config.id2label.values())
-    per_class = [(key.removeprefix("map_"), value) for key, value in metrics.items()
-                 if key.startswith("map_") and key.removeprefix("map_") in class_names]
+    per_class = [(key.removeprefix("ap_"), value) for key, value in metrics.items()
+                 if key.startswith("ap_") and key.removeprefix("ap_") in class_names]
     backbone = (f"DiT with {config.num_hidden_layers} blocks used, hidden size {config.hidden_size}, "
                 f"{config.num_attention_heads} heads, patch {config.patch_size}")
     backbone += (f", on the latents of a frozen VAE encoder (x{config.vae_downsample_factor})" if config.vae_config
@@ -106,6 +109,11 @@ def render_model_card(config: DiTDetectionConfig, summary: TrainingSummary, temp
         compute_description=summary.compute_description or f"Trained on {platform.machine()} ({platform.system()}).",
         framework_versions=_framework_versions(),
     )
+
+
+def _is_hub_id(name: str | None) -> bool:
+    """Whether `name` reads as a Hub repo id ("name" or "owner/name") and is not a local path."""
+    return bool(name) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
 
 
 def _framework_versions() -> dict[str, str]:

@@ -667,6 +667,7 @@ class DiTDetectionModel(DiTDetectionPreTrainedModel):
         """pixel_values `[batch, 3, H, W]` in [-1, 1], H and W multiples of `config.backbone_stride`."""
         self.check_pixel_values(pixel_values)
         config = self.config
+        pixel_values = pixel_values.to(self.dtype)  # a model cast to bf16 / fp16 (e.g. *_full_eval) gets float32 inputs
         latents = self.encode_latents(pixel_values)
         if output_hidden_states is None:
             output_hidden_states = config.output_hidden_states
@@ -841,12 +842,12 @@ class DiTBackboneModel(BackboneMixin, DiTDetectionPreTrainedModel):
         config = self.config
         if output_hidden_states is None:
             output_hidden_states = config.output_hidden_states
-        latents = diffusion_input(pixel_values, self.vae, config)
-        deepest = max(self.out_indices)
+        latents = diffusion_input(pixel_values.to(self.dtype), self.vae, config)
+        stages = [index % len(self.stage_names) for index in self.out_indices]  # -1 = the last stage
+        deepest = max(stages)
         states = self.backbone(latents, config.feature_timestep,
                                None if output_hidden_states else deepest)
         batch = pixel_values.shape[0]
         grid = (latents.shape[-2] // config.patch_size, latents.shape[-1] // config.patch_size)
-        feature_maps = tuple(states[i].transpose(1, 2).reshape(batch, config.hidden_size, *grid)
-                             for i in self.out_indices)
+        feature_maps = tuple(states[i].transpose(1, 2).reshape(batch, config.hidden_size, *grid) for i in stages)
         return BackboneOutput(feature_maps=feature_maps, hidden_states=states if output_hidden_states else None)

@@ -9,11 +9,13 @@ The VAE encoder is always frozen.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import re
+import shutil
 from pathlib import Path
 
+import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
@@ -94,9 +96,14 @@ class DetectionTrainer(Trainer):
         # transformers ends every evaluation loop with `self.gather_function = accelerator.gather_for_metrics`,
         # dropping `use_gather_object`: from the second evaluation of a Trainer on, the per-image label dicts would be
         # gathered as tensors and every tensor in them cut to the batch remainder (multi-process runs only).
-        self.gather_function = functools.partial(self.accelerator.gather_for_metrics,
-                                                 use_gather_object=self.args.eval_use_gather_object)
+        self.gather_function = (self._gather_objects_on_cpu if self.args.eval_use_gather_object
+                                else self.accelerator.gather_for_metrics)
         return super().evaluation_loop(*args, **kwargs)
+
+    def _gather_objects_on_cpu(self, data):
+        # Objects are pickled to every process; a CUDA tensor would be unpickled onto its sender's GPU in every
+        # process (a CUDA context per GPU pair), so CPU copies travel instead.
+        return self.accelerator.gather_for_metrics(send_to_device(data, "cpu"), use_gather_object=True)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -125,6 +132,19 @@ def train_in_stages(model, training_args, stage_args, make_trainer):
     output_dir = Path(training_args.output_dir)
     resume, given_checkpoint = _resume_request(training_args.resume_from_checkpoint, output_dir)
     stage_one_done = output_dir / "stage1" / "completed"
+    earlier = [output_dir / name for name in ("stage1", "stage2") if (output_dir / name).exists()]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every process looks before any creates this run's stage folders
+    if earlier and not resume:
+        # An earlier run's marker and checkpoints would be mistaken for this run's on a later resume.
+        if not stage_args.overwrite_output_dir:
+            raise ValueError(f"{output_dir} holds the stages of an earlier run ({', '.join(map(str, earlier))}): "
+                             "continue it with --resume_from_checkpoint true, start over with "
+                             "--overwrite_output_dir true (deletes them), or choose another --output_dir.")
+        with training_args.main_process_first(desc="removing the earlier run's stages"):
+            if training_args.process_index == 0:
+                for folder in earlier:
+                    shutil.rmtree(folder, ignore_errors=True)
     trainer, metrics = None, {}
     for number, epochs, train_backbone in stages:
         if epochs <= 0:

@@ -64,3 +64,20 @@ def test_transformers_detr_trains_on_dit_features():
     outputs.loss.backward()
     dit = model.model.backbone.model.backbone
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dit.layers[-1].parameters())
+
+
+def test_negative_out_indices_count_from_the_last_stage():
+    backbone = AutoBackbone.from_config(_tiny_backbone_config(out_indices=[-1])).eval()
+    pixel_values = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        outputs = backbone(pixel_values, output_hidden_states=True)
+        (last,) = backbone(pixel_values).feature_maps
+    torch.testing.assert_close(last, outputs.hidden_states[-1].transpose(1, 2).reshape(1, 32, 16, 16))
+    torch.testing.assert_close(outputs.feature_maps[0], last)
+
+
+def test_a_model_cast_to_bfloat16_takes_float32_pixels():
+    detector = DiTForObjectDetection(tiny_config()).to(torch.bfloat16).eval()  # what --bf16_full_eval does
+    with torch.no_grad():
+        outputs = detector(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert outputs.logits.dtype == torch.bfloat16 and torch.isfinite(outputs.pred_boxes.float()).all()

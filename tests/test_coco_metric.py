@@ -87,10 +87,10 @@ def test_matches_pycocotools():
     assert all(expected[i] > -1 for i in range(len(SUMMARY_KEYS)))  # every size bucket has ground truth
     for key, value in zip(SUMMARY_KEYS, expected):
         assert metrics[key] == pytest.approx(value, abs=1e-9), key
-    assert set(metrics) == set(SUMMARY_KEYS) | {f"map_{name}" for name in ID2LABEL.values()}
+    assert set(metrics) == set(SUMMARY_KEYS) | {f"ap_{name}" for name in ID2LABEL.values()}
     assert all(isinstance(v, float) for v in metrics.values())
     for category in (0, 2):
-        assert metrics[f"map_{ID2LABEL[category]}"] == pytest.approx(
+        assert metrics[f"ap_{ID2LABEL[category]}"] == pytest.approx(
             reference_stats(images, gts, dets, cat_ids=[category])[0], abs=1e-9)
 
 
@@ -216,3 +216,15 @@ def test_detection_evaluator_matches_metric():
         assert all(len(d["scores"]) <= 10 and d["boxes"].max() <= 1 for d in detections)
         result = evaluator(EvalPrediction(predictions=detections, label_ids=targets), compute_result=last)
     assert result == rounds[0]
+
+
+def test_class_names_cannot_overwrite_summary_metrics():
+    # Integer datasets name their classes "0", "1", ...: class "50" must not replace map_50.
+    id2label = {i: str(i) for i in range(60)} | {60: "small"}
+    metric = CocoDetectionMetric(id2label=id2label)
+    box = [[10.0, 10.0, 30.0, 30.0]]
+    metrics = metric.compute(
+        predictions=[{"boxes": box, "scores": [0.9], "labels": [50]}],
+        references=[{"boxes": box, "labels": [50], "image_size": [64, 64]}])
+    assert metrics["map_50"] == pytest.approx(1.0) and metrics["ap_50"] == pytest.approx(1.0)
+    assert metrics["ap_small"] == -1.0 and metrics["map_small"] == pytest.approx(1.0)  # a 20 x 20 box is small

@@ -354,3 +354,42 @@ def test_augmentation_strengths():
         widths.add(round(boxes[0, 2].item(), 4))
         assert round(boxes[0, 1].item(), 4) == 0.4  # only horizontal flips: cy = (8 + 8) / 40 stays
     assert widths == {0.25}  # no zoom: w stays 12 / 48
+
+
+def test_yolo_boxes_use_the_displayed_size_not_a_stale_stored_one():
+    # Stored 80 x 40 with EXIF orientation 6: displayed 40 x 80. A centred half-size YOLO box is 20 x 40 pixels.
+    exif = PIL.Image.Exif()
+    exif[PIL.Image.ExifTags.Base.Orientation] = 6
+    data = _encoded(PIL.Image.new("RGB", (80, 40), (10, 200, 30)), format="JPEG", exif=exif)
+    dataset = datasets.Dataset.from_list(
+        [{"image": {"bytes": data, "path": None}, "width": 80, "height": 40,
+          "objects": {"bbox": [[0.5, 0.5, 0.5, 0.5]], "category": [0]}}],
+        features=datasets.Features({"image": datasets.Image(), "width": datasets.Value("int32"),
+                                    "height": datasets.Value("int32"),
+                                    "objects": {"bbox": datasets.List(datasets.List(datasets.Value("float32"))),
+                                                "category": datasets.List(datasets.ClassLabel(names=NAMES))}}))
+    splits, _ = prepare_detection_dataset(dataset, bbox_format="yolo", validation_split_percentage=0)
+    row = splits["train"][0]
+    assert (row["width"], row["height"]) == (40, 80) and row["objects"]["bbox"] == [[10.0, 20.0, 20.0, 40.0]]
+
+
+def test_list_of_object_dicts_with_ids_empty_images_and_string_image_ids():
+    features = datasets.Features({
+        "image_id": datasets.Value("string"), "image": datasets.Image(),
+        "objects": datasets.List({"id": datasets.Value("int64"), "bbox": datasets.List(datasets.Value("float32")),
+                                  "category": datasets.Value("string")})})
+    dataset = datasets.Dataset.from_list([
+        {"image_id": "a.png", "image": {"bytes": _png((20, 20)), "path": None},
+         "objects": [{"id": 7, "bbox": [1, 2, 3, 4], "category": "dog"}]},
+        {"image_id": "b.png", "image": {"bytes": _png((20, 20)), "path": None}, "objects": []},
+    ], features=features)
+    splits, id2label = prepare_detection_dataset(dataset, validation_split_percentage=0)
+    rows = list(splits["train"].remove_columns("image"))
+    assert id2label == {0: "dog"} and [row["image_id"] for row in rows] == [0, 1]  # file names -> row index
+    assert rows[0]["objects"]["id"] == [7] and rows[0]["objects"]["bbox"] == [[1, 2, 3, 4]]
+    assert rows[1]["objects"] == {"id": [], "area": [], "bbox": [], "category": []}
+
+
+def test_validation_fraction_out_of_range_is_refused():
+    with pytest.raises(ValueError, match=r"fraction in \[0, 1\), got 15"):
+        prepare_detection_dataset(_cppe5(), validation_split_percentage=15)

@@ -11,6 +11,7 @@ import textwrap
 import PIL.Image
 import pytest
 import torch
+from helpers import ROOT, tiny_config
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
 
@@ -173,3 +174,17 @@ def test_predict_cli_rejects_a_missing_input(small_job, tmp_path):
     folder, _, _ = small_job
     with pytest.raises(FileNotFoundError, match="neither an image file nor a folder"):
         predict_main(["--model", str(folder), str(tmp_path / "nope.png")])
+
+
+def test_card_metadata_names_only_hub_ids(tmp_path):
+    from modeling_dit_detection.model_card import TrainingSummary, render_model_card
+
+    template = ROOT / "model_cards" / "template.md"
+    metrics = {"test_map": 0.5, "test_map_50": 0.7}
+    local = render_model_card(tiny_config(), TrainingSummary(model_name="m", dataset_name=str(tmp_path), metrics=metrics,
+                                                             base_model=str(tmp_path)), template)
+    assert local.data.base_model is None and local.data.datasets is None
+    assert str(tmp_path) in local.text  # the text still says where it came from
+    hub = render_model_card(tiny_config(), TrainingSummary(model_name="m", dataset_name="rishitdagli/cppe-5",
+                                                           metrics=metrics, base_model="facebook/DiT-XL-2-256"), template)
+    assert hub.data.base_model == "facebook/DiT-XL-2-256" and hub.data.datasets == ["rishitdagli/cppe-5"]

@@ -38,7 +38,7 @@ def test_job_writes_model_metrics_card_preview_and_logs(small_job):
     written = json.loads((output_dir / "all_results.json").read_text())
     assert written == pytest.approx(metrics)
     for key in ("eval_map", "eval_map_50", "eval_map_75", "eval_mar_100", "eval_map_small", "test_map",
-                "test_map_50", "test_map_circle", "stage1_train_loss", "stage2_train_loss"):
+                "test_map_50", "test_ap_circle", "stage1_train_loss", "stage2_train_loss"):
         assert isinstance(written[key], float), key
         assert -1.0 <= written[key] <= 1.0 or key.endswith("loss")
 
@@ -124,6 +124,17 @@ def test_resume_after_a_crash_in_stage_one(tmp_path):
     assert (output_dir / "model.safetensors").is_file()
 
 
+def test_an_earlier_runs_folder_is_not_mixed_into_a_new_run(tmp_path):
+    argv = [*SMALL_JOB, "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "1", "--freeze_backbone_epochs",
+            "0.5", "--eval_strategy", "no", "--synthetic_eval_size", "2"]
+    _run(argv)
+    with pytest.raises(ValueError, match="holds the stages of an earlier run"):
+        _run(argv)
+    recorder = StageRecorder()
+    _run([*argv, "--overwrite_output_dir", "true"], callbacks=[recorder])
+    assert [run["stage"] for run in recorder.runs] == ["stage1", "stage2"]
+
+
 def test_arguments_from_json_and_yaml(tmp_path):
     options = {"output_dir": str(tmp_path / "out"), "model_preset": "tiny", "num_train_epochs": 3,
                "freeze_backbone_epochs": 1, "learning_rate": 3e-4, "layer_decay": 0.8}
@@ -145,6 +156,19 @@ def test_real_data_defaults_differ_from_the_built_in_data_defaults():
     assert synthetic.learning_rate == 1e-3 and real.learning_rate == 1e-4
     _, _, _, given = run_detection.parse_arguments(["--output_dir", "x", "--learning_rate", "5e-5"])
     assert given.learning_rate == 5e-5
+    # A pretrained DiT on the built-in data still gets the fine-tuning recipe, not the from-scratch one.
+    _, _, pretrained_stages, pretrained = run_detection.parse_arguments(
+        ["--output_dir", "x", "--model_name_or_path", "facebook/DiT-XL-2-256"])
+    assert pretrained_stages.freeze_backbone_epochs == 1 and pretrained_stages.backbone_learning_rate is None
+    assert pretrained.learning_rate == 1e-4
+
+
+def test_coco_split_options_are_parsed_or_refused():
+    assert run_detection._split_paths("a.json", "--coco_annotations") == {"train": "a.json"}
+    assert run_detection._split_paths("train=a.json,val=b.json", "--x") == {"train": "a.json", "validation": "b.json"}
+    for bad in ("a.json,b.json", "train=a.json,b.json", "training=a.json"):
+        with pytest.raises(ValueError, match="split=path pairs"):
+            run_detection._split_paths(bad, "--coco_annotations")
 
 
 def test_max_steps_is_rejected_with_a_reason(tmp_path):
@@ -192,7 +216,7 @@ def test_bad_records_are_skipped_counted_and_reported(tmp_path):
             "--dataloader_num_workers", "0"]
     with pytest.raises(ValueError, match=r"image_id 3: cannot decode the image"):
         _run(argv)
-    metrics = _run([*argv, "--skip_bad_images", "true"])
+    metrics = _run([*argv, "--skip_bad_images", "true", "--load_best_model_at_end", "true"])
     assert "test_map" in metrics
     card = (output_dir / "README.md").read_text()
     assert re.search(r"bad_image: 1 \(e\.g\. image_id 3\)", card)
