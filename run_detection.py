@@ -38,8 +38,9 @@ from modeling_dit_detection.detection_data import (
 )
 from modeling_dit_detection.hub import push_folder_to_hub
 from modeling_dit_detection.model_card import TrainingSummary, render_model_card
+from modeling_dit_detection.predict import detect
 from modeling_dit_detection.synthetic_data import make_synthetic_detection_dataset
-from modeling_dit_detection.training import DetectionTrainer, train_in_stages
+from modeling_dit_detection.training import DetectionTrainer, stage_epochs, train_in_stages
 from modeling_dit_detection.visualization import detection_grid
 
 logger = logging.getLogger("run_detection")
@@ -154,16 +155,16 @@ class StageArguments:
 
 def parse_arguments(argv: list[str]):
     parser = HfArgumentParser((ModelArguments, DataArguments, StageArguments, TrainingArguments))
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = Path(argv[0])
-        given = json.loads(path.read_text()) if path.suffix == ".json" else _read_yaml(path)
+    config_file = Path(argv[0]) if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) else None
+    if config_file is not None:
+        given = json.loads(config_file.read_text()) if config_file.suffix == ".json" else _read_yaml(config_file)
     else:
         given = {key: True for key in _flags(argv)}  # only which options were given matters here
     # The built-in job (built-in data, new small DiT) has its own recipe; a pretrained DiT or real data gets the
     # two-stage fine-tuning defaults.
     built_in = not any(given.get(key) for key in ("dataset_name", "coco_annotations", "model_name_or_path"))
     defaults = {**TRAINING_DEFAULTS, **(SYNTHETIC_DEFAULTS if built_in else {})}
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+    if config_file is not None:
         return parser.parse_dict({**defaults, **given})
     parser.set_defaults(**defaults)
     return parser.parse_args_into_dataclasses(args=argv)
@@ -261,16 +262,8 @@ def select(dataset, limit: int | None):
 def write_preview(model, processor, dataset, id2label, path: Path, count: int, threshold: float) -> None:
     """A PNG grid of the model's detections on the first `count` images of `dataset`."""
     images = [load_rgb(dataset[i]["image"]) for i in range(min(count, len(dataset)))]
-    if not images:
-        return
-    model.eval()
-    device = next(model.parameters()).device
-    inputs = processor(images, return_tensors="pt").to(device)
-    with torch.no_grad():
-        outputs = model(inputs["pixel_values"])
-    detections = processor.post_process_object_detection(outputs, threshold=threshold,
-                                                          target_sizes=[(im.height, im.width) for im in images])
-    detection_grid(images, [{k: v.cpu() for k, v in d.items()} for d in detections], id2label).save(path)
+    if images:
+        detection_grid(images, detect(model.eval(), processor, images, threshold), id2label).save(path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -315,16 +308,18 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
         eval_sets["test"] = test.with_transform(DetectionTransform(processor))
     evaluator = DetectionEvaluator(processor, id2label)
 
-    def make_trainer(args, backbone_lr, layer_decay):
+    backbone_lr = stage_args.backbone_learning_rate or training_args.learning_rate / 10
+
+    def make_trainer(args):
         return DetectionTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets["validation"],
                                 data_collator=collate_fn, processing_class=processor,
                                 compute_metrics=evaluator, preprocess_logits_for_metrics=evaluator.preprocess,
-                                backbone_learning_rate=backbone_lr, layer_decay=layer_decay,
+                                backbone_learning_rate=backbone_lr, layer_decay=stage_args.layer_decay,
                                 callbacks=list(callbacks))
 
     trainer, metrics = train_in_stages(model, training_args, stage_args, make_trainer)
     if trainer is None:  # resumed after both stages had finished
-        trainer = make_trainer(training_args, backbone_lr=None, layer_decay=stage_args.layer_decay)
+        trainer = make_trainer(training_args)
     for split, eval_set in eval_sets.items():
         prefix = "eval" if split == "validation" else split
         metrics.update(trainer.evaluate(eval_dataset=eval_set, metric_key_prefix=prefix))
@@ -333,6 +328,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))  # weights, config with auto_map, the code, preprocessor_config.json
     if trainer.is_world_process_zero():
+        stage_one_epochs, stage_two_epochs = stage_epochs(training_args.num_train_epochs,
+                                                          stage_args.freeze_backbone_epochs)
         (output_dir / "all_results.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         write_preview(model, processor, validation, id2label, output_dir / "predictions_preview.png",
                       data_args.preview_images, data_args.preview_threshold)
@@ -340,10 +337,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
             model_name=output_dir.name, dataset_name=dataset_name, metrics=metrics,
             repo_id=training_args.hub_model_id or output_dir.name, base_model=base_model,
             num_train_images=len(train), num_eval_images=len(validation),
-            freeze_backbone_epochs=min(stage_args.freeze_backbone_epochs, training_args.num_train_epochs),
-            stage_two_epochs=max(0.0, training_args.num_train_epochs - stage_args.freeze_backbone_epochs),
-            unfreeze_last_blocks=stage_args.unfreeze_last_blocks,
-            backbone_learning_rate=stage_args.backbone_learning_rate or training_args.learning_rate / 10,
+            freeze_backbone_epochs=stage_one_epochs, stage_two_epochs=stage_two_epochs,
+            unfreeze_last_blocks=stage_args.unfreeze_last_blocks, backbone_learning_rate=backbone_lr,
             layer_decay=stage_args.layer_decay, data_report=report.summary().replace("\n", "; "),
             hyperparameters={key: getattr(training_args, key) for key in (
                 "learning_rate", "per_device_train_batch_size", "num_train_epochs", "weight_decay",

@@ -65,6 +65,17 @@ def _output_names(paths: list[Path]) -> list[str]:
 
 
 @torch.no_grad()
+def detect(model, processor, images: list[PIL.Image.Image], threshold: float) -> list[dict[str, torch.Tensor]]:
+    """Detections of `model` on RGB `images`, one dict per image on the CPU: `scores` [k], `labels` [k], `boxes`
+    [k, 4] x0, y0, x1, y1 in that image's pixels. The model runs on the device its weights are on."""
+    device = next(model.parameters()).device
+    pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(device)
+    results = processor.post_process_object_detection(
+        model(pixel_values), threshold=threshold, target_sizes=[(image.height, image.width) for image in images])
+    return [{key: value.cpu() for key, value in result.items()} for result in results]
+
+
+@torch.no_grad()
 def predict(model_name_or_path: str, inputs: list[str], output_dir: str, threshold: float = 0.3,
             batch_size: int = 8, device: str | torch.device | None = None, trust_remote_code: bool = False) -> dict:
     """Detect objects in the images of `inputs`, write the annotated PNGs and `predictions.json` to `output_dir`;
@@ -86,12 +97,7 @@ def predict(model_name_or_path: str, inputs: list[str], output_dir: str, thresho
     with tqdm(total=len(paths), desc="Detecting", unit="image") as progress:
         for batch in _batches(paths, batch_size):
             images = [load_rgb(PIL.Image.open(path)) for path in batch]
-            pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(device)
-            outputs = model(pixel_values)
-            results = processor.post_process_object_detection(
-                outputs, threshold=threshold, target_sizes=[(image.height, image.width) for image in images])
-            for path, image, result in zip(batch, images, results):
-                result = {key: value.float().cpu() if key != "labels" else value.cpu() for key, value in result.items()}
+            for path, image, result in zip(batch, images, detect(model, processor, images, threshold)):
                 image_id = len(coco["images"])
                 coco["images"].append({"id": image_id, "file_name": str(path), "width": image.width,
                                        "height": image.height, "annotated": names[path]})

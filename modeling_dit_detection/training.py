@@ -117,18 +117,23 @@ class DetectionTrainer(Trainer):
         return self.optimizer
 
 
+def stage_epochs(num_train_epochs: float, freeze_backbone_epochs: float) -> tuple[float, float]:
+    """(epochs of stage one, epochs of stage two): stage one takes up to `freeze_backbone_epochs` of the total."""
+    stage_one = min(freeze_backbone_epochs, num_train_epochs)
+    return stage_one, num_train_epochs - stage_one
+
+
 def train_in_stages(model, training_args, stage_args, make_trainer):
     """Stage one (frozen backbone), then stage two (backbone trains), each its own Trainer and DDP wrap, each with
-    its own checkpoints under output_dir/stage1, output_dir/stage2. Returns the last trainer and per-stage
-    train metrics.
+    its own checkpoints under output_dir/stage1, output_dir/stage2. `make_trainer(args)` builds a stage's Trainer.
+    Returns the last trainer and per-stage train metrics.
 
     `training_args.resume_from_checkpoint`: "true" continues from the latest checkpoint of the stage the run
     stopped in (a finished stage one is not trained again); a path to one `checkpoint-N` folder under
     output_dir/stage1 or output_dir/stage2 continues from exactly that one.
     """
-    total = training_args.num_train_epochs
-    stage_one = min(stage_args.freeze_backbone_epochs, total)
-    stages = [(1, stage_one, False), (2, total - stage_one, True)]
+    stage_one, stage_two = stage_epochs(training_args.num_train_epochs, stage_args.freeze_backbone_epochs)
+    stages = [(1, stage_one, False), (2, stage_two, True)]
     output_dir = Path(training_args.output_dir)
     resume, given_checkpoint = _resume_request(training_args.resume_from_checkpoint, output_dir)
     stage_one_done = output_dir / "stage1" / "completed"
@@ -159,8 +164,7 @@ def train_in_stages(model, training_args, stage_args, make_trainer):
                     "training the" if train_backbone else "frozen", f"{count_trainable(model):,}")
         args = dataclasses.replace(training_args, output_dir=str(stage_dir), num_train_epochs=epochs,
                                    push_to_hub=False, resume_from_checkpoint=None)
-        trainer = make_trainer(args, backbone_lr=stage_args.backbone_learning_rate or training_args.learning_rate / 10,
-                               layer_decay=stage_args.layer_decay)
+        trainer = make_trainer(args)
         checkpoint = None
         if given_stage == stage_dir.name:
             checkpoint = str(given_checkpoint)
