@@ -24,23 +24,23 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_dit_detection import DiTDetectionConfig, DiTDetectionImageProcessor, DiTForObjectDetection
-from modeling_dit_detection.coco_metric import DetectionEvaluator
+from modeling_dit_detection.training.coco_metric import DetectionEvaluator
 from modeling_dit_detection.convert_diffusers_dit import checkpoint_kind
-from modeling_dit_detection.detection_data import (
+from modeling_dit_detection.image_processing_dit_detection import load_rgb
+from modeling_dit_detection.training.data import (
     DataReport,
     DetectionTransform,
     clean_split,
     collate_fn,
     load_detection_dataset,
-    load_rgb,
     make_train_augmentation,
     prepare_detection_dataset,
 )
 from modeling_dit_detection.hub import push_folder_to_hub
-from modeling_dit_detection.model_card import TrainingSummary, render_model_card
+from modeling_dit_detection.training.model_card import TrainingSummary, render_model_card
 from modeling_dit_detection.predict import detect
-from modeling_dit_detection.synthetic_data import make_synthetic_detection_dataset
-from modeling_dit_detection.training import DetectionTrainer, stage_epochs, train_in_stages
+from modeling_dit_detection.training.synthetic_data import make_synthetic_detection_dataset
+from modeling_dit_detection.training.trainer import DetectionTrainer, stage_epochs, train_in_stages
 from modeling_dit_detection.visualization import detection_grid
 
 logger = logging.getLogger("run_detection")

@@ -29,7 +29,7 @@ def _child(size: int, mode: str) -> dict:
     from transformers import EvalPrediction, Trainer, TrainingArguments
 
     from modeling_dit_detection import DiTDetectionConfig, DiTDetectionImageProcessor, DiTForObjectDetection
-    from modeling_dit_detection.coco_metric import DetectionEvaluator
+    from modeling_dit_detection.training.coco_metric import DetectionEvaluator
 
     torch.manual_seed(0)
     id2label = {i: f"class_{i}" for i in range(CLASSES)}

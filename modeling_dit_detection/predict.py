@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-from .detection_data import load_rgb
+from .image_processing_dit_detection import load_rgb
 from .visualization import draw_detections
 
 IMAGE_SUFFIXES = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}

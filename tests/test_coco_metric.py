@@ -11,7 +11,7 @@ from pycocotools.cocoeval import COCOeval
 from transformers import EvalPrediction
 
 from modeling_dit_detection import DiTDetectionImageProcessor
-from modeling_dit_detection.coco_metric import SUMMARY_KEYS, CocoDetectionMetric, DetectionEvaluator
+from modeling_dit_detection.training.coco_metric import SUMMARY_KEYS, CocoDetectionMetric, DetectionEvaluator
 
 ID2LABEL = {0: "circle", 1: "square", 2: "triangle"}
 

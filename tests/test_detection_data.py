@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from modeling_dit_detection import DiTDetectionImageProcessor
-from modeling_dit_detection.detection_data import (
+from modeling_dit_detection.image_processing_dit_detection import load_rgb
+from modeling_dit_detection.training.data import (
     DataReport,
     DetectionTransform,
     clean_split,
     collate_fn,
     load_detection_dataset,
-    load_rgb,
     make_train_augmentation,
     prepare_detection_dataset,
 )

@@ -177,7 +177,7 @@ def test_predict_cli_rejects_a_missing_input(small_job, tmp_path):
 
 
 def test_card_metadata_names_only_hub_ids(tmp_path):
-    from modeling_dit_detection.model_card import TrainingSummary, render_model_card
+    from modeling_dit_detection.training.model_card import TrainingSummary, render_model_card
 
     template = ROOT / "model_cards" / "template.md"
     metrics = {"test_map": 0.5, "test_map_50": 0.7}

@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 
-from modeling_dit_detection.synthetic_data import (
+from modeling_dit_detection.training.synthetic_data import (
     SYNTHETIC_CLASS_NAMES,
     make_synthetic_detection_dataset,
     render_synthetic_example,

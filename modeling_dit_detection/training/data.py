@@ -26,10 +26,11 @@ import numpy as np
 import PIL.Image
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
-from PIL import ImageOps
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from ..image_processing_dit_detection import load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -386,37 +387,6 @@ def _clean_record(example: dict, index: int, num_labels: int, split: str, skip_b
 # 3. Transforms and collation
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """
-    The displayed image as 8-bit RGB: EXIF orientation applied; transparency composited on white (transparent areas
-    are background, and their hidden colour is often garbage); 16/32-bit integer images scaled (65535 -> 255, not
-    clipped); float images read as 0..1 when they fit, else clipped to 0..255.
-    """
-    image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I") or image.mode == "F":
-        image = PIL.Image.fromarray(_to_uint8(np.asarray(image)))
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("LA", "PA", "La", "RGBa"):
-        image = image.convert("RGBA")
-    if image.mode == "RGBA":
-        background = PIL.Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """Single-channel integer or float pixels -> uint8 (16-bit range scaled by 255/65535)."""
-    if array.dtype.kind == "f":
-        array = array * 255.0 if array.min() >= 0 and array.max() <= 1 else array
-        return np.clip(np.rint(array), 0, 255).astype(np.uint8)
-    if array.min() >= 0 and array.max() <= 65535:  # 16-bit data, also when PIL stores it as 32-bit "I"
-        return np.rint(array / 257.0).astype(np.uint8)
-    low, high = float(array.min()), float(array.max())  # wider integer range: stretch linearly
-    return np.rint((array - low) * 255.0 / max(high - low, 1.0)).astype(np.uint8)
-
-
 AUGMENTATIONS = ("strong", "light", "none")
 
 
@@ -492,5 +462,5 @@ def collate_fn(examples: list[dict]) -> dict:
 
 
 __all__ = ["AUGMENTATIONS", "CANONICAL_FEATURES", "DataReport", "DetectionTransform", "clean_split", "collate_fn",
-           "load_detection_dataset", "load_rgb", "make_train_augmentation",
+           "load_detection_dataset", "make_train_augmentation",
            "prepare_detection_dataset"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_dit_detection import DiTDetectionConfig
+from ..configuration_dit_detection import DiTDetectionConfig
 
 SUMMARY_METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 # The metric names of the `model-index` results, as the Hub's leaderboards read them.

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .modeling_dit_detection import DiTBackbone, DiTDetectionVAEEncoder
+from ..modeling_dit_detection import DiTBackbone, DiTDetectionVAEEncoder
 
 logger = logging.getLogger(__name__)
 _BLOCK = re.compile(r"(?:^|\.)backbone\.layers\.(\d+)\.")
