@@ -23,9 +23,8 @@ import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from modeling_dit_detection import DiTDetectionConfig, DiTDetectionImageProcessor, DiTForObjectDetection
+from modeling_dit_detection import DiTDetectionImageProcessor
 from modeling_dit_detection.training.coco_metric import DetectionEvaluator
-from modeling_dit_detection.convert_diffusers_dit import checkpoint_kind
 from modeling_dit_detection.image_processing_dit_detection import load_rgb
 from modeling_dit_detection.training.data import (
     DataReport,
@@ -38,6 +37,7 @@ from modeling_dit_detection.training.data import (
 )
 from modeling_dit_detection.hub import push_folder_to_hub
 from modeling_dit_detection.training.model_card import TrainingSummary, render_model_card
+from modeling_dit_detection.training.recipes import load_detector
 from modeling_dit_detection.predict import detect
 from modeling_dit_detection.training.synthetic_data import make_synthetic_detection_dataset
 from modeling_dit_detection.training.trainer import DetectionTrainer, stage_epochs, train_in_stages
@@ -46,14 +46,6 @@ from modeling_dit_detection.visualization import detection_grid
 logger = logging.getLogger("run_detection")
 CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "template.md"
 
-# The embedded default: a small pixel-space DiT trained from scratch on the built-in synthetic shapes.
-SYNTHETIC_MODEL = {
-    "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "patch_size": 4, "in_channels": 3,
-    "vae_config": None, "image_size": (64, 64), "out_indices": (1, 3), "num_class_embeds": 1,
-    "frequency_embedding_size": 64, "feature_timestep": 0, "d_model": 64, "pyramid_scales": (2.0, 1.0, 0.5),
-    "num_queries": 20, "num_query_groups": 4, "decoder_layers": 3, "decoder_attention_heads": 4,
-    "decoder_ffn_dim": 128, "decoder_n_points": 4,
-}
 # It starts from random weights, so there is nothing to protect by freezing the backbone or lowering its learning rate.
 SYNTHETIC_DEFAULTS = {"num_train_epochs": 14, "learning_rate": 1e-3, "per_device_train_batch_size": 16,
                       "per_device_eval_batch_size": 32, "weight_decay": 1e-4, "warmup_steps": 50,
@@ -230,29 +222,17 @@ def config_overrides(model_args: ModelArguments, id2label: dict[int, str]) -> di
 def load_model(model_args: ModelArguments, id2label: dict[int, str], token=None, built_in_data: bool = False):
     """(model, image processor, base model name for the card). The kind of checkpoint is read from its files."""
     overrides = config_overrides(model_args, id2label)
-    source = model_args.model_name_or_path
-    if source is None:
-        if not built_in_data:
-            logger.warning("No --model_name_or_path: training a new, randomly initialised DiT on your data. Give a "
-                           "pretrained one (e.g. facebook/DiT-XL-2-256) for a useful detector.")
-        preset = model_args.model_preset
-        config = (DiTDetectionConfig.from_preset(preset, **overrides) if preset
-                  else DiTDetectionConfig(**{**SYNTHETIC_MODEL, **overrides}))
-        model = DiTForObjectDetection(config)
-    elif checkpoint_kind(source, token=token) == "diffusers":
-        model = DiTForObjectDetection.from_diffusers(source, vae=model_args.vae_name_or_path,
-                                                     hub_kwargs={"token": token}, **overrides)
-    else:
-        label2id = {name: i for i, name in id2label.items()}
-        model = DiTForObjectDetection.from_pretrained(source, id2label=id2label, label2id=label2id,
-                                                      ignore_mismatched_sizes=True, token=token,
-                                                      **{k: v for k, v in overrides.items() if k != "id2label"})
-    if model_args.fold_conditioning:
-        model.fold_conditioning()
-    config = model.config
+    overrides.pop("id2label")
+    if model_args.model_name_or_path is None and not built_in_data:
+        logger.warning("No --model_name_or_path: training a new, randomly initialised DiT on your data. Give a "
+                       "pretrained one (e.g. facebook/DiT-XL-2-256) for a useful detector.")
+    loaded = load_detector(model_args.model_name_or_path, id2label, preset=model_args.model_preset or "small",
+                           overrides=overrides, vae=model_args.vae_name_or_path,
+                           fold_conditioning=model_args.fold_conditioning, token=token)
+    config = loaded.model.config
     processor = DiTDetectionImageProcessor(size={"height": config.image_size[0], "width": config.image_size[1]},
                                            size_divisor=config.backbone_stride)
-    return model, processor, source
+    return loaded.model, processor, model_args.model_name_or_path
 
 
 def select(dataset, limit: int | None):

@@ -2,22 +2,18 @@
 
 Importing this package registers the classes with transformers' Auto classes, so `AutoConfig`, `AutoModel`,
 `AutoModelForObjectDetection`, `AutoImageProcessor` and `pipeline("object-detection")` resolve `dit_detection`,
-and `AutoBackbone` resolves `dit_backbone` (the DiT as a backbone for other detectors).
+and `AutoBackbone` resolves `dit_backbone` (the DiT as a backbone for other detectors). Only the inference files are
+imported here; the training side is `modeling_dit_detection.training`.
 """
 
 from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
 
-from .configuration_dit_detection import (
-    DIT_BACKBONE_PRESETS,
-    SD_VAE_CONFIG,
-    TINY_PRESETS,
-    DiTBackboneConfig,
-    DiTDetectionConfig,
-)
+from .configuration_dit_backbone import DIT_PRESETS, SD_VAE_CONFIG, DiTBackboneConfig, default_out_indices
+from .configuration_dit_detection import DETECTOR_PRESETS, PRESETS, DiTDetectionConfig
 from .image_processing_dit_detection import DiTDetectionImageProcessor
 from .loss_dit_detection import DiTDetectionCriterion, HungarianMatcher
+from .modeling_dit_backbone import DiTBackbone
 from .modeling_dit_detection import (
-    DiTBackboneModel,
     DiTDetectionModel,
     DiTDetectionModelOutput,
     DiTDetectionObjectDetectionOutput,
@@ -28,7 +24,7 @@ AutoConfig.register(DiTDetectionConfig.model_type, DiTDetectionConfig, exist_ok=
 AutoModel.register(DiTDetectionConfig, DiTDetectionModel, exist_ok=True)
 AutoModelForObjectDetection.register(DiTDetectionConfig, DiTForObjectDetection, exist_ok=True)
 AutoConfig.register(DiTBackboneConfig.model_type, DiTBackboneConfig, exist_ok=True)
-AutoBackbone.register(DiTBackboneConfig, DiTBackboneModel, exist_ok=True)
+AutoBackbone.register(DiTBackboneConfig, DiTBackbone, exist_ok=True)
 AutoImageProcessor.register(
     DiTDetectionConfig, image_processor_classes={"torchvision": DiTDetectionImageProcessor}, exist_ok=True
 )
@@ -40,14 +36,15 @@ DiTDetectionModel.register_for_auto_class("AutoModel")
 DiTForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
 DiTDetectionImageProcessor.register_for_auto_class("AutoImageProcessor")
 DiTBackboneConfig.register_for_auto_class()
-DiTBackboneModel.register_for_auto_class("AutoBackbone")
+DiTBackbone.register_for_auto_class("AutoBackbone")
 
 __all__ = [
-    "DIT_BACKBONE_PRESETS",
-    "DiTBackboneConfig",
-    "DiTBackboneModel",
+    "DETECTOR_PRESETS",
+    "DIT_PRESETS",
+    "PRESETS",
     "SD_VAE_CONFIG",
-    "TINY_PRESETS",
+    "DiTBackbone",
+    "DiTBackboneConfig",
     "DiTDetectionConfig",
     "DiTDetectionCriterion",
     "DiTDetectionImageProcessor",
@@ -56,4 +53,5 @@ __all__ = [
     "DiTDetectionObjectDetectionOutput",
     "DiTForObjectDetection",
     "HungarianMatcher",
+    "default_out_indices",
 ]

@@ -1,10 +1,12 @@
-"""diffusers DiT checkpoints -> `DiTDetectionConfig` + the weights of our backbone and VAE encoder.
+"""diffusers DiT checkpoints -> `DiTDetectionConfig` + the weights of our backbone (its DiT and VAE encoder).
 
 Accepts a diffusers DiT pipeline (`model_index.json`, `transformer/`, `vae/`, e.g. `facebook/DiT-XL-2-256`) or a
 lone `DiTTransformer2DModel` folder, on the Hub or on disk; diffusers' own loaders read the weights. Every
 transformer and VAE-encoder weight is mapped; what is left out is left out on purpose and logged: the
 noise-prediction head, diffusers' per-block copies of the conditioning embedder, the VAE decoder, and the blocks
 after the deepest tapped one (they cannot change the detections).
+
+Not part of a saved model's code: loading a diffusers checkpoint needs the installed package (and diffusers).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import os
 
 import torch
 
-from .configuration_dit_detection import DiTDetectionConfig
+from .configuration_dit_backbone import DiTBackboneConfig, default_out_indices
+from .configuration_dit_detection import BACKBONE_ARGUMENTS, DiTDetectionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -93,15 +96,11 @@ def load_diffusers_components(name_or_path: str, vae=None, **hub_kwargs):
     return transformer, vae
 
 
-def default_out_indices(depth: int) -> list[int]:
-    """Blocks at about 1/2, 5/8 and 3/4 of the depth, where DiT features probe best (DESIGN.md)."""
-    return sorted({max(0, round(depth * fraction) - 1) for fraction in (0.5, 0.625, 0.75)})
-
-
 def config_from_diffusers(transformer_config, vae_config=None, **overrides) -> DiTDetectionConfig:
-    """A `DiTDetectionConfig` with the geometry of a diffusers DiT (and VAE). `overrides` set the detector parts
-    (`id2label`, `out_indices`, `feature_timestep`, neck, decoder, loss ...); a geometry override that disagrees
-    with the checkpoint is an error. `num_hidden_layers` defaults to the deepest tapped block + 1."""
+    """A `DiTDetectionConfig` whose backbone has the geometry of a diffusers DiT (and VAE). `overrides` set the rest:
+    backbone fields (`out_indices` as stages, `feature_timestep`, `image_size`, ...) and detector fields
+    (`id2label`, neck, decoder, loss ...); a geometry override that disagrees with the checkpoint is an error.
+    `num_hidden_layers` defaults to the deepest tapped stage: later blocks cannot change the detections."""
     vae = {key: vae_config[key] for key in VAE_ENCODER_FIELDS if key in vae_config} if vae_config else None
     heads, patch = transformer_config["num_attention_heads"], transformer_config["patch_size"]
     latent_size = transformer_config["sample_size"]
@@ -128,13 +127,19 @@ def config_from_diffusers(transformer_config, vae_config=None, **overrides) -> D
         raise ValueError(f"Config overrides disagree with the checkpoint's geometry: {details}.")
 
     depth = transformer_config["num_layers"]
-    out_indices = list(overrides.pop("out_indices", default_out_indices(depth)))
-    num_hidden_layers = overrides.pop("num_hidden_layers", out_indices[-1] + 1)
+    backbone = {key: overrides.pop(key) for key in list(overrides) if key in BACKBONE_ARGUMENTS}
+    out_indices = [int(i) for i in backbone.pop("out_indices", None) or default_out_indices(depth)]
+    out_indices = [i % (depth + 1) if -depth - 1 <= i < 0 else i for i in out_indices]  # negative: from the end
+    num_hidden_layers = backbone.pop("num_hidden_layers", max(out_indices))
     if num_hidden_layers > depth:
         raise ValueError(f"num_hidden_layers={num_hidden_layers} exceeds the checkpoint's {depth} blocks.")
-    overrides.setdefault("image_size", latent_size * vae_factor)
-    return DiTDetectionConfig(**{**geometry, **overrides, "num_hidden_layers": num_hidden_layers,
-                                 "out_indices": out_indices})
+    if max(out_indices) > num_hidden_layers:
+        raise ValueError(f"out_indices {out_indices} tap stages beyond the {num_hidden_layers} blocks kept "
+                         f"(the checkpoint has {depth}).")
+    backbone.setdefault("image_size", latent_size * vae_factor)
+    backbone_config = DiTBackboneConfig(**{**geometry, **backbone, "num_hidden_layers": num_hidden_layers,
+                                           "out_indices": out_indices})
+    return DiTDetectionConfig(backbone_config=backbone_config, **overrides)
 
 
 def backbone_state_dict_from_diffusers(state_dict: dict, num_layers: int) -> dict[str, torch.Tensor]:
@@ -177,7 +182,7 @@ def backbone_state_dict_from_diffusers(state_dict: dict, num_layers: int) -> dic
 
 
 def vae_encoder_state_dict_from_diffusers(state_dict: dict) -> dict[str, torch.Tensor]:
-    """`AutoencoderKL` weights -> `DiTDetectionVAEEncoder` weights (the encoder half; same names)."""
+    """`AutoencoderKL` weights -> `DiTVAEEncoder` weights (the encoder half; same names)."""
     return {key: value for key, value in state_dict.items() if key.startswith(("encoder.", "quant_conv."))}
 
 
@@ -191,14 +196,15 @@ def load_from_diffusers(model_class, name_or_path, vae=None, id2label=None, fold
         config_overrides["id2label"] = {int(k): v for k, v in id2label.items()}
     config = config_from_diffusers(transformer.config, vae.config if vae is not None else None, **config_overrides)
     model = model_class(config)
-    base = model.base_model
-    base.backbone.load_state_dict(
-        backbone_state_dict_from_diffusers(transformer.state_dict(), config.num_hidden_layers), strict=True)
+    num_blocks = config.backbone_config.num_hidden_layers
+    weights = backbone_state_dict_from_diffusers(transformer.state_dict(), num_blocks)
     if vae is not None:
-        base.vae.load_state_dict(vae_encoder_state_dict_from_diffusers(vae.state_dict()), strict=True)
-    dropped = transformer.config["num_layers"] - config.num_hidden_layers
+        weights.update({f"vae.{key}": value
+                        for key, value in vae_encoder_state_dict_from_diffusers(vae.state_dict()).items()})
+    model.base_model.backbone.load_state_dict(weights, strict=True)
+    dropped = transformer.config["num_layers"] - num_blocks
     logger.info("Loaded %s: %d DiT blocks (%d after the deepest tap dropped), %s VAE encoder; not kept: the "
-                "noise-prediction head%s.", name_or_path, config.num_hidden_layers, dropped,
+                "noise-prediction head%s.", name_or_path, num_blocks, dropped,
                 "with" if vae is not None else "no", " and the VAE decoder" if vae is not None else "")
     if fold_conditioning:
         model.fold_conditioning()

@@ -44,9 +44,10 @@ def test_saved_folder_is_remote_code_ready(saved_detector):
     }
     processor_config = json.loads((folder / "preprocessor_config.json").read_text())
     assert processor_config["auto_map"]["AutoImageProcessor"].endswith("DiTDetectionImageProcessor")
-    for name in ("configuration_dit_detection.py", "modeling_dit_detection.py", "loss_dit_detection.py",
-                 "image_processing_dit_detection.py"):
-        assert (folder / name).is_file(), name
+    # Exactly the inference files: no converter, no training code travels as remote code.
+    assert {path.name for path in folder.glob("*.py")} == {
+        "configuration_dit_backbone.py", "configuration_dit_detection.py", "modeling_dit_backbone.py",
+        "modeling_dit_detection.py", "loss_dit_detection.py", "image_processing_dit_detection.py"}
 
 
 def test_auto_classes_round_trip_gives_identical_outputs(saved_detector):
@@ -89,3 +90,17 @@ def test_pipeline_returns_boxes_in_image_coordinates(saved_detector):
         assert [detection["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")] == box.int().tolist()
         assert 0 <= detection["box"]["xmin"] <= detection["box"]["xmax"] <= 100
         assert 0 <= detection["box"]["ymin"] <= detection["box"]["ymax"] <= 60
+
+
+@pytest.mark.parametrize("batch_size", [2, 3, 8])
+def test_pipeline_batches_give_the_same_detections_as_one_by_one(saved_detector, batch_size):
+    _, _, folder = saved_detector
+    detector = pipeline("object-detection", model=str(folder))
+    images = [_image(width=40 + 7 * i, height=30 + 5 * i, seed=i) for i in range(5)]
+    one_by_one = [detector(image, threshold=0.0) for image in images]
+    batched = detector(images, threshold=0.0, batch_size=batch_size)
+    assert len(batched) == len(images)
+    for alone, together in zip(one_by_one, batched):
+        assert [d["label"] for d in alone] == [d["label"] for d in together]
+        assert [d["box"] for d in alone] == [d["box"] for d in together]
+        assert [d["score"] for d in together] == pytest.approx([d["score"] for d in alone], abs=1e-5)

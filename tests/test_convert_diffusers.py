@@ -6,11 +6,16 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
-from modeling_dit_detection import SD_VAE_CONFIG, DiTDetectionConfig, DiTDetectionModel, DiTForObjectDetection
+from modeling_dit_detection import (
+    SD_VAE_CONFIG,
+    DiTDetectionConfig,
+    DiTDetectionModel,
+    DiTForObjectDetection,
+    default_out_indices,
+)
 from modeling_dit_detection.convert_diffusers_dit import (
     backbone_state_dict_from_diffusers,
     checkpoint_kind,
-    default_out_indices,
     vae_encoder_state_dict_from_diffusers,
 )
 
@@ -66,26 +71,26 @@ def block_outputs_of_diffusers(transformer, latents, timestep):
 
 @pytest.mark.parametrize("height, width", [(16, 16), (16, 32)])
 def test_pipeline_loads_exactly_equal_to_diffusers(pipeline_folder, height, width):
-    model = DiTForObjectDetection.from_diffusers(pipeline_folder, id2label=ID2LABEL, out_indices=(0, 1, 2),
+    model = DiTForObjectDetection.from_diffusers(pipeline_folder, id2label=ID2LABEL, out_indices=(1, 2, 3),
                                                  feature_timestep=150, **HEAD).eval()
     transformer = DiTTransformer2DModel.from_pretrained(pipeline_folder, subfolder="transformer").eval()
     vae = AutoencoderKL.from_pretrained(pipeline_folder, subfolder="vae").eval()
     scheduler = DDPMScheduler.from_pretrained(pipeline_folder, subfolder="scheduler")
-    config = model.config
+    config = model.config.backbone_config
     assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (32, 2, 3)
     assert config.backbone_stride == 4 and config.image_size == [16, 16] and config.base_grid_size == 4
-    assert config.id2label == ID2LABEL
+    assert model.config.id2label == ID2LABEL
 
     pixels = torch.rand(2, 3, height, width) * 2 - 1
     with torch.no_grad():
-        latents = model.model.vae(pixels)
+        latents = model.model.backbone.vae(pixels)
         reference_latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
         torch.testing.assert_close(latents, reference_latents, atol=1e-5, rtol=1e-5)
 
         # Our fixed noise at feature_timestep is exactly DDPM's forward process with that noise.
         noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(config.noise_seed))
         expected_noisy = scheduler.add_noise(latents, noise.expand_as(latents), torch.tensor([150]))
-        noisy = model.model.encode_latents(pixels)
+        noisy = model.model.backbone.diffusion_input(pixels)
         torch.testing.assert_close(noisy, expected_noisy, atol=1e-5, rtol=1e-5)
 
         ours = model(pixels, output_hidden_states=True).hidden_states[1:]
@@ -96,15 +101,15 @@ def test_pipeline_loads_exactly_equal_to_diffusers(pipeline_folder, height, widt
     if height != width:  # diffusers' own forward cannot return a non-square output ...
         with pytest.raises(RuntimeError):
             transformer(noisy, timestep=torch.tensor([150, 150]), class_labels=torch.tensor([NUM_CLASSES] * 2))
-        assert model(pixels).pred_boxes.shape == (2, config.num_queries, 4)  # ... ours detects on it
+        assert model(pixels).pred_boxes.shape == (2, model.config.num_queries, 4)  # ... ours detects on it
 
 
 def test_folded_conditioning_gives_identical_outputs(pipeline_folder):
-    unfolded = DiTForObjectDetection.from_diffusers(pipeline_folder, id2label=ID2LABEL, out_indices=(1, 2), **HEAD).eval()
-    folded = DiTForObjectDetection.from_diffusers(pipeline_folder, id2label=ID2LABEL, out_indices=(1, 2), **HEAD).eval()
+    unfolded = DiTForObjectDetection.from_diffusers(pipeline_folder, id2label=ID2LABEL, out_indices=(2, 3), **HEAD).eval()
+    folded = DiTForObjectDetection.from_diffusers(pipeline_folder, id2label=ID2LABEL, out_indices=(2, 3), **HEAD).eval()
     folded.load_state_dict(unfolded.state_dict())
     folded.fold_conditioning()
-    assert folded.config.fold_conditioning
+    assert folded.config.backbone_config.fold_conditioning
     assert not hasattr(folded.model.backbone, "timestep_embedder")
     assert folded.num_parameters() < unfolded.num_parameters()
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -119,7 +124,7 @@ def test_folded_model_saves_and_reloads(pipeline_folder, tmp_path):
     model = DiTForObjectDetection.from_diffusers(pipeline_folder, id2label=ID2LABEL, fold_conditioning=True, **HEAD).eval()
     model.save_pretrained(tmp_path)
     reloaded = DiTForObjectDetection.from_pretrained(tmp_path)
-    assert reloaded.config.fold_conditioning
+    assert reloaded.config.backbone_config.fold_conditioning
     pixels = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixels).logits, model(pixels).logits, rtol=0, atol=0)
@@ -130,21 +135,22 @@ def test_lone_transformer_folder_with_a_separate_vae(tmp_path):
     transformer.save_pretrained(tmp_path / "transformer")
     with pytest.raises(ValueError, match="latent DiT .* no VAE was found"):
         DiTDetectionModel.from_diffusers(tmp_path / "transformer")
-    model = DiTDetectionModel.from_diffusers(tmp_path / "transformer", vae=vae, out_indices=(2,), **HEAD)
-    assert type(model) is DiTDetectionModel and model.config.num_hidden_layers == 3
+    model = DiTDetectionModel.from_diffusers(tmp_path / "transformer", vae=vae, out_indices=(3,), **HEAD)
+    assert type(model) is DiTDetectionModel and model.config.backbone_config.num_hidden_layers == 3
     torch.testing.assert_close(model.backbone.layers[2].mlp.fc2.weight,
                                transformer.transformer_blocks[2].ff.net[2].weight)
 
 
 def test_pixel_space_transformer_loads_without_a_vae(tmp_path):
     tiny_diffusers_dit(in_channels=3, sample_size=16).save_pretrained(tmp_path)
-    model = DiTForObjectDetection.from_diffusers(tmp_path, id2label=ID2LABEL, out_indices=(0, 1), **HEAD)
-    assert model.model.vae is None and model.config.backbone_stride == 2 and model.config.num_hidden_layers == 2
+    model = DiTForObjectDetection.from_diffusers(tmp_path, id2label=ID2LABEL, out_indices=(1, 2), **HEAD)
+    assert model.model.backbone.vae is None and model.config.backbone_stride == 2
+    assert model.config.backbone_config.num_hidden_layers == 2
     assert model(torch.zeros(1, 3, 16, 16)).logits.shape == (1, model.config.num_queries, 3)
 
 
 def test_blocks_after_the_deepest_tap_are_dropped(pipeline_folder):
-    model = DiTDetectionModel.from_diffusers(pipeline_folder, out_indices=(0,), **HEAD)
+    model = DiTDetectionModel.from_diffusers(pipeline_folder, out_indices=(1,), **HEAD)
     assert len(model.backbone.layers) == 1
 
 
@@ -152,7 +158,7 @@ def test_geometry_overrides_that_disagree_are_rejected(pipeline_folder):
     with pytest.raises(ValueError, match=r"hidden_size=64 \(checkpoint: 32\)"):
         DiTForObjectDetection.from_diffusers(pipeline_folder, hidden_size=64)
     with pytest.raises(ValueError, match="exceeds the checkpoint's 3 blocks"):
-        DiTForObjectDetection.from_diffusers(pipeline_folder, num_hidden_layers=5, out_indices=(4,))
+        DiTForObjectDetection.from_diffusers(pipeline_folder, num_hidden_layers=5, out_indices=(5,))
 
 
 def test_a_unet_pipeline_is_not_a_dit(tmp_path):
@@ -191,17 +197,18 @@ def test_xl2_preset_maps_one_to_one_onto_diffusers_dit_xl2():
                                             out_channels=8, num_layers=28, sample_size=32, patch_size=2,
                                             num_embeds_ada_norm=1000)
         vae = AutoencoderKL(**{k: v for k, v in SD_VAE_CONFIG.items()})
-        config = DiTDetectionConfig.from_preset("DiT-XL/2", out_indices=(13, 17, 27))
+        config = DiTDetectionConfig.from_preset("DiT-XL/2", out_indices=(14, 18, 28))
         ours = DiTDetectionModel(config)
-    assert config.image_size == [256, 256] and config.base_grid_size == 16 and config.backbone_stride == 16
+    dit = config.backbone_config
+    assert config.image_size == [256, 256] and dit.base_grid_size == 16 and config.backbone_stride == 16
 
-    converted = backbone_state_dict_from_diffusers(transformer.state_dict(), config.num_hidden_layers)
-    expected = ours.backbone.state_dict()
+    converted = backbone_state_dict_from_diffusers(transformer.state_dict(), dit.num_hidden_layers)
+    expected = {k: v for k, v in ours.backbone.state_dict().items() if not k.startswith("vae.")}
     assert converted.keys() == expected.keys()
     assert all(converted[k].shape == expected[k].shape for k in expected)
     vae_weights = vae_encoder_state_dict_from_diffusers(vae.state_dict())
-    assert vae_weights.keys() == ours.vae.state_dict().keys()
-    assert all(vae_weights[k].shape == v.shape for k, v in ours.vae.state_dict().items())
+    assert vae_weights.keys() == ours.backbone.vae.state_dict().keys()
+    assert all(vae_weights[k].shape == v.shape for k, v in ours.backbone.vae.state_dict().items())
 
     # Folding the fixed conditioning removes each block's adaLN MLP and the two embedders: about a third.
     backbone_params = sum(v.numel() for v in expected.values())
@@ -214,5 +221,5 @@ def test_xl2_preset_maps_one_to_one_onto_diffusers_dit_xl2():
 
 
 def test_default_taps_lie_between_half_and_three_quarters_of_the_depth():
-    assert default_out_indices(28) == [13, 17, 20]
-    assert default_out_indices(12) == [5, 7, 8]
+    assert default_out_indices(28) == [14, 18, 21]  # stages: the outputs of blocks 13, 17, 20 (0-based)
+    assert default_out_indices(12) == [6, 8, 9]

@@ -5,7 +5,7 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_em
 from helpers import random_labels, tiny_config
 
 from modeling_dit_detection import DiTDetectionModel, DiTForObjectDetection
-from modeling_dit_detection.modeling_dit_detection import alphas_cumprod, sincos_position_embedding, timestep_features
+from modeling_dit_detection.modeling_dit_backbone import alphas_cumprod, sincos_position_embedding, timestep_features
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-latent"])
@@ -21,22 +21,34 @@ def test_output_shapes(preset, height, width):
     assert outputs.logits.shape == (2, queries, labels)
     assert outputs.pred_boxes.shape == (2, queries, 4)
     assert ((outputs.pred_boxes >= 0) & (outputs.pred_boxes <= 1)).all()
-    assert len(outputs.auxiliary_outputs) == config.decoder_layers - 1
-    assert outputs.auxiliary_outputs[0]["pred_boxes"].shape == (2, queries, 4)
-    assert outputs.proposal_logits.shape == (2, queries, labels)
+    assert outputs.init_reference_points.shape == (2, queries, 4)
     assert outputs.last_hidden_state.shape == (2, queries, config.d_model)
     tokens = (height // config.backbone_stride) * (width // config.backbone_stride)
-    assert len(outputs.hidden_states) == config.num_hidden_layers + 1
-    assert all(h.shape == (2, tokens, config.hidden_size) for h in outputs.hidden_states)
-    assert outputs.loss is None
+    dit = config.backbone_config
+    assert len(outputs.hidden_states) == dit.num_hidden_layers + 1
+    assert all(h.shape == (2, tokens, dit.hidden_size) for h in outputs.hidden_states)
+    assert outputs.loss is None and outputs.auxiliary_outputs is None  # every output splits per image
+
+
+def test_auxiliary_outputs_come_with_the_loss():
+    config = tiny_config()
+    model = DiTForObjectDetection(config).train()
+    outputs = model(torch.rand(2, 3, 64, 64) * 2 - 1, labels=random_labels(2, config.num_labels))
+    assert len(outputs.auxiliary_outputs) == config.decoder_layers - 1
+    assert outputs.auxiliary_outputs[0]["pred_boxes"].shape == (2, config.num_queries, 4)
+    assert outputs.auxiliary_outputs[0]["logits"].shape == (2, config.num_queries, config.num_labels)
 
 
 def test_base_model_output_shapes():
     config = tiny_config()
     model = DiTDetectionModel(config).eval()
     outputs = model(torch.zeros(1, 3, 64, 64))
-    assert outputs.intermediate_hidden_states.shape == (config.decoder_layers, 1, config.num_queries, config.d_model)
-    assert outputs.intermediate_boxes.shape == (config.decoder_layers, 1, config.num_queries, 4)
+    assert outputs.intermediate_hidden_states.shape == (1, config.decoder_layers, config.num_queries, config.d_model)
+    assert outputs.intermediate_reference_points.shape == (1, config.decoder_layers, config.num_queries, 4)
+    assert outputs.init_reference_points.shape == (1, config.num_queries, 4)
+    tokens = sum(int(16 * scale) ** 2 for scale in config.pyramid_scales)  # 16 x 16 tokens at stride 4
+    assert outputs.enc_outputs_class.shape == (1, tokens, config.num_labels)
+    assert outputs.enc_outputs_boxes.shape == (1, tokens, 4)
     assert outputs.hidden_states is None
 
 
@@ -44,7 +56,7 @@ def test_training_runs_all_query_groups_but_returns_the_first():
     config = tiny_config(num_query_groups=3)
     model = DiTDetectionModel(config).train()
     outputs = model(torch.zeros(1, 3, 64, 64))
-    assert outputs.intermediate_boxes.shape[2] == 3 * config.num_queries
+    assert outputs.intermediate_reference_points.shape[2] == 3 * config.num_queries
     detector = DiTForObjectDetection(config).train()
     outputs = detector(torch.zeros(1, 3, 64, 64), labels=random_labels(1, config.num_labels))
     assert outputs.logits.shape[1] == config.num_queries
@@ -78,7 +90,7 @@ def test_loss_is_finite_and_reaches_every_trainable_parameter(preset):
     optimizer.zero_grad()
     model(images, labels=labels).loss.backward()
     for name, parameter in model.named_parameters():
-        if name.startswith("model.vae."):
+        if name.startswith("model.backbone.vae."):
             assert not parameter.requires_grad and parameter.grad is None, name
             continue
         assert parameter.grad is not None, f"{name} got no gradient"
@@ -87,7 +99,7 @@ def test_loss_is_finite_and_reaches_every_trainable_parameter(preset):
 
 
 def test_backbone_blocks_after_the_deepest_tap_are_skipped_unless_states_are_requested():
-    config = tiny_config(out_indices=(1,))
+    config = tiny_config(out_indices=(2,))  # the output of block 1 (stage 2)
     model = DiTForObjectDetection(config).train()
     model(torch.zeros(1, 3, 64, 64), labels=random_labels(1, config.num_labels)).loss.backward()
     assert model.model.backbone.layers[1].mlp.fc2.weight.grad is not None
@@ -140,32 +152,33 @@ def test_timestep_features_match_diffusers(shift):
 def test_vae_latents_are_the_scaled_posterior_mean_of_diffusers_autoencoder():
     config = tiny_config("tiny-latent")
     model = DiTDetectionModel(config).eval()
-    autoencoder = AutoencoderKL(**{k: v for k, v in config.vae_config.items() if k != "scaling_factor"}).eval()
+    vae_config = config.backbone_config.vae_config
+    autoencoder = AutoencoderKL(**{k: v for k, v in vae_config.items() if k != "scaling_factor"}).eval()
     encoder_weights = {k: v for k, v in autoencoder.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
-    model.vae.load_state_dict(encoder_weights)
+    model.backbone.vae.load_state_dict(encoder_weights)
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        reference = autoencoder.encode(images).latent_dist.mean * config.vae_config["scaling_factor"]
-        torch.testing.assert_close(model.vae(images), reference, atol=1e-6, rtol=1e-5)
+        reference = autoencoder.encode(images).latent_dist.mean * vae_config["scaling_factor"]
+        torch.testing.assert_close(model.backbone.vae(images), reference, atol=1e-6, rtol=1e-5)
 
 
 def test_features_use_fixed_noise_at_the_feature_timestep():
     config = tiny_config(feature_timestep=250)
     model = DiTDetectionModel(config)
     images = torch.rand(1, 3, 64, 64) * 2 - 1
-    first, second = model.encode_latents(images), model.encode_latents(images)
+    first, second = model.backbone.diffusion_input(images), model.backbone.diffusion_input(images)
     torch.testing.assert_close(first, second)
-    signal_rate = alphas_cumprod(config)[250].item()
+    signal_rate = alphas_cumprod(config.backbone_config)[250].item()
     noise = (first - signal_rate**0.5 * images) / (1 - signal_rate) ** 0.5
     assert 0.8 < noise.std() < 1.2  # unit Gaussian noise was added at the DDPM rate of t = 250
     clean = DiTDetectionModel(tiny_config(feature_timestep=0))
-    torch.testing.assert_close(clean.encode_latents(images), images)
+    torch.testing.assert_close(clean.backbone.diffusion_input(images), images)
 
 
 def test_frozen_vae_stays_frozen_after_reload(tmp_path):
     DiTForObjectDetection(tiny_config("tiny-latent")).save_pretrained(tmp_path)
     model = DiTForObjectDetection.from_pretrained(tmp_path)
-    assert not any(p.requires_grad for p in model.model.vae.parameters())
+    assert not any(p.requires_grad for p in model.model.backbone.vae.parameters())
 
 
 def test_input_size_not_a_multiple_of_the_stride_is_rejected():
@@ -202,4 +215,4 @@ def test_noise_schedule_matches_diffusers_linear_ddpm():
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
-    torch.testing.assert_close(alphas_cumprod(tiny_config()).float(), scheduler.alphas_cumprod, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(alphas_cumprod(tiny_config().backbone_config).float(), scheduler.alphas_cumprod, atol=1e-6, rtol=1e-5)

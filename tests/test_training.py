@@ -20,9 +20,9 @@ def _trainable(model) -> set[str]:
 def test_set_trainable_stages(model):
     names = {name for name, _ in model.named_parameters()}
     set_trainable(model, train_backbone=False)
-    assert _trainable(model) == {n for n in names if not n.startswith(("model.backbone.", "model.vae."))}
+    assert _trainable(model) == {n for n in names if not n.startswith(("model.backbone.", "model.backbone.vae."))}
     set_trainable(model, train_backbone=True)
-    assert _trainable(model) == {n for n in names if not n.startswith("model.vae.")}
+    assert _trainable(model) == {n for n in names if not n.startswith("model.backbone.vae.")}
     set_trainable(model, train_backbone=True, unfreeze_last_blocks=1)
     backbone = {n for n in _trainable(model) if n.startswith("model.backbone.")}
     assert backbone and all(n.startswith("model.backbone.layers.3.") for n in backbone)

@@ -70,9 +70,10 @@ def render_model_card(config: DiTDetectionConfig, summary: TrainingSummary, temp
     class_names = set(config.id2label.values())
     per_class = [(key.removeprefix("ap_"), value) for key, value in metrics.items()
                  if key.startswith("ap_") and key.removeprefix("ap_") in class_names]
-    backbone = (f"DiT with {config.num_hidden_layers} blocks used, hidden size {config.hidden_size}, "
-                f"{config.num_attention_heads} heads, patch {config.patch_size}")
-    backbone += (f", on the latents of a frozen VAE encoder (x{config.vae_downsample_factor})" if config.vae_config
+    dit = config.backbone_config
+    backbone = (f"DiT with {dit.num_hidden_layers} blocks used, hidden size {dit.hidden_size}, "
+                f"{dit.num_attention_heads} heads, patch {dit.patch_size}")
+    backbone += (f", on the latents of a frozen VAE encoder (x{dit.vae_downsample_factor})" if dit.vae_config
                  else ", in pixel space")
     stage_two_scope = ("the whole DiT" if summary.unfreeze_last_blocks is None
                        else f"the last {summary.unfreeze_last_blocks} DiT blocks")
@@ -85,9 +86,9 @@ def render_model_card(config: DiTDetectionConfig, summary: TrainingSummary, temp
         dataset_name=summary.dataset_name,
         metrics={f"{split}_{key}": value for key, value in metrics.items()} if split == "test" else {},
         backbone_description=backbone,
-        feature_timestep=config.feature_timestep,
-        out_indices=list(config.out_indices),
-        fold_conditioning=config.fold_conditioning,
+        feature_timestep=dit.feature_timestep,
+        out_features=list(dit.out_features),
+        fold_conditioning=dit.fold_conditioning,
         pyramid_scales=list(config.pyramid_scales),
         num_queries=config.num_queries,
         decoder_layers=config.decoder_layers,

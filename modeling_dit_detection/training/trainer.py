@@ -20,7 +20,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..modeling_dit_detection import DiTBackbone, DiTDetectionVAEEncoder
+from ..modeling_dit_backbone import DiTBackbone, freeze_vae
 
 logger = logging.getLogger(__name__)
 _BLOCK = re.compile(r"(?:^|\.)backbone\.layers\.(\d+)\.")
@@ -36,19 +36,16 @@ def set_trainable(model: nn.Module, train_backbone: bool, unfreeze_last_blocks: 
     except the VAE encoder, which never does."""
     backbone = _backbone(model)
     model.requires_grad_(True)
-    for module in model.modules():
-        if isinstance(module, DiTDetectionVAEEncoder):
-            module.requires_grad_(False)
     backbone.requires_grad_(False)
-    if not train_backbone:
-        return
-    num_blocks = len(backbone.layers)
-    first = 0 if unfreeze_last_blocks is None else max(0, num_blocks - unfreeze_last_blocks)
-    if first == 0:
-        backbone.requires_grad_(True)
-    else:
-        for block in backbone.layers[first:]:
-            block.requires_grad_(True)
+    if train_backbone:
+        num_blocks = len(backbone.layers)
+        first = 0 if unfreeze_last_blocks is None else max(0, num_blocks - unfreeze_last_blocks)
+        if first == 0:
+            backbone.requires_grad_(True)
+        else:
+            for block in backbone.layers[first:]:
+                block.requires_grad_(True)
+    freeze_vae(model)
 
 
 def count_trainable(model: nn.Module) -> int:
