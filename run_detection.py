@@ -37,20 +37,20 @@ from modeling_dit_detection.training.data import (
 )
 from modeling_dit_detection.hub import push_folder_to_hub
 from modeling_dit_detection.training.model_card import TrainingSummary, render_model_card
-from modeling_dit_detection.training.recipes import load_detector
+from modeling_dit_detection.training.recipes import StagePlan, check_config_overrides, load_detector, plan_stages
 from modeling_dit_detection.predict import detect
 from modeling_dit_detection.training.synthetic_data import make_synthetic_detection_dataset
-from modeling_dit_detection.training.trainer import DetectionTrainer, stage_epochs, train_in_stages
+from modeling_dit_detection.training.trainer import DetectionTrainer, train_in_stages
 from modeling_dit_detection.visualization import detection_grid
 
 logger = logging.getLogger("run_detection")
 CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "template.md"
 
-# It starts from random weights, so there is nothing to protect by freezing the backbone or lowering its learning rate.
+# The built-in job: the "small" preset trained from scratch on the built-in shapes (the scratch recipe follows from
+# its random weights); these are its measured training settings.
 SYNTHETIC_DEFAULTS = {"num_train_epochs": 14, "learning_rate": 1e-3, "per_device_train_batch_size": 16,
                       "per_device_eval_batch_size": 32, "weight_decay": 1e-4, "warmup_steps": 50,
-                      "max_grad_norm": 1.0, "freeze_backbone_epochs": 0, "backbone_learning_rate": 1e-3,
-                      "layer_decay": 1.0, "augmentation": "light"}
+                      "max_grad_norm": 1.0, "augmentation": "light"}
 # Defaults of this script that differ from TrainingArguments'; anything given on the command line wins.
 TRAINING_DEFAULTS = {
     "remove_unused_columns": False,  # the transform needs the image and objects columns
@@ -131,15 +131,21 @@ class DataArguments:
 
 @dataclass
 class StageArguments:
-    freeze_backbone_epochs: float = field(default=1.0, metadata={
+    recipe: str | None = field(default=None, metadata={
+        "help": "two-stage (stage one: neck and head on a frozen DiT for --freeze_backbone_epochs, default 1; stage "
+                "two: the DiT too, at --backbone_learning_rate, default --learning_rate / 10, with --layer_decay, "
+                "default 0.9) or scratch (everything trains from step 0 at --learning_rate). Default: two-stage for "
+                "a pretrained DiT, scratch for a new one. Options given explicitly win over the recipe's.",
+        "choices": ["two-stage", "scratch"]})
+    freeze_backbone_epochs: float | None = field(default=None, metadata={
         "help": "Stage one: epochs training neck and head on a frozen DiT (0 skips it); the rest of "
-                "--num_train_epochs is stage two."})
+                "--num_train_epochs is stage two. With --max_steps, the steps are split in the same proportion."})
     unfreeze_last_blocks: int | None = field(default=None, metadata={
         "help": "Stage two trains only the last K DiT blocks (default: the whole DiT). The VAE stays frozen."})
     backbone_learning_rate: float | None = field(default=None, metadata={
-        "help": "Stage two learning rate of the last DiT block (default: --learning_rate / 10)."})
-    layer_decay: float = field(default=0.9, metadata={
-        "help": "Stage two: each earlier DiT block learns at this factor of the next one's rate."})
+        "help": "Stage two learning rate of the last DiT block (default: the recipe's)."})
+    layer_decay: float | None = field(default=None, metadata={
+        "help": "Stage two: each earlier DiT block learns at this factor (0..1] of the next one's rate."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start over in an --output_dir that holds an earlier run's stage1/ and stage2/ folders (they are "
                 "deleted). Without it such a folder is an error, unless --resume_from_checkpoint continues it."})
@@ -152,8 +158,7 @@ def parse_arguments(argv: list[str]):
         given = json.loads(config_file.read_text()) if config_file.suffix == ".json" else _read_yaml(config_file)
     else:
         given = {key: True for key in _flags(argv)}  # only which options were given matters here
-    # The built-in job (built-in data, new small DiT) has its own recipe; a pretrained DiT or real data gets the
-    # two-stage fine-tuning defaults.
+    # The built-in job (built-in data, new small DiT) has its own measured settings.
     built_in = not any(given.get(key) for key in ("dataset_name", "coco_annotations", "model_name_or_path"))
     defaults = {**TRAINING_DEFAULTS, **(SYNTHETIC_DEFAULTS if built_in else {})}
     if config_file is not None:
@@ -205,34 +210,41 @@ def _split_paths(value: str, option: str) -> dict[str, str]:
     return {"validation" if split == "val" else split: path for split, path in parts}
 
 
-def config_overrides(model_args: ModelArguments, id2label: dict[int, str]) -> dict:
-    overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
-    overrides["id2label"] = id2label
+def model_overrides(model_args: ModelArguments) -> dict:
+    """The config fields the model options set. A malformed or unknown one is an error here, before any data is read."""
+    overrides = {}
+    if model_args.config_overrides:
+        try:
+            overrides = json.loads(model_args.config_overrides)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config_overrides is not valid JSON ({error}): {model_args.config_overrides!r}") from None
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--config_overrides must be a JSON object of config fields, got {overrides!r}.")
     if model_args.image_size:
-        sides = [int(side) for side in model_args.image_size.split(",")]
+        try:
+            sides = [int(side) for side in model_args.image_size.split(",")]
+        except ValueError:
+            sides = []
+        if len(sides) not in (1, 2) or min(sides) < 1:
+            raise ValueError(f"--image_size must be 'SIDE' or 'HEIGHT,WIDTH' in pixels, got {model_args.image_size!r}.")
         overrides["image_size"] = sides * 2 if len(sides) == 1 else sides
     for key in ("feature_timestep", "num_queries"):
         if getattr(model_args, key) is not None:
             overrides[key] = getattr(model_args, key)
     if model_args.out_indices:
-        overrides["out_indices"] = [int(i) for i in model_args.out_indices.split(",")]
+        try:
+            overrides["out_indices"] = [int(i) for i in model_args.out_indices.split(",")]
+        except ValueError:
+            raise ValueError(f"--out_indices must be comma-separated stage numbers, got {model_args.out_indices!r}.") \
+                from None
+    check_config_overrides(overrides)
     return overrides
 
 
-def load_model(model_args: ModelArguments, id2label: dict[int, str], token=None, built_in_data: bool = False):
-    """(model, image processor, base model name for the card). The kind of checkpoint is read from its files."""
-    overrides = config_overrides(model_args, id2label)
-    overrides.pop("id2label")
-    if model_args.model_name_or_path is None and not built_in_data:
-        logger.warning("No --model_name_or_path: training a new, randomly initialised DiT on your data. Give a "
-                       "pretrained one (e.g. facebook/DiT-XL-2-256) for a useful detector.")
-    loaded = load_detector(model_args.model_name_or_path, id2label, preset=model_args.model_preset or "small",
-                           overrides=overrides, vae=model_args.vae_name_or_path,
-                           fold_conditioning=model_args.fold_conditioning, token=token)
-    config = loaded.model.config
-    processor = DiTDetectionImageProcessor(size={"height": config.image_size[0], "width": config.image_size[1]},
-                                           size_divisor=config.backbone_stride)
-    return loaded.model, processor, model_args.model_name_or_path
+def stage_plan(stage_args: StageArguments, training_args: TrainingArguments, pretrained_backbone: bool) -> StagePlan:
+    return plan_stages(pretrained_backbone, training_args.learning_rate, training_args.num_train_epochs,
+                       training_args.max_steps, stage_args.recipe, stage_args.freeze_backbone_epochs,
+                       stage_args.backbone_learning_rate, stage_args.layer_decay, stage_args.unfreeze_last_blocks)
 
 
 def select(dataset, limit: int | None):
@@ -256,9 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
 def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageArguments,
         training_args: TrainingArguments, callbacks=()) -> dict:
     """The whole job; returns the metrics also written to all_results.json. `callbacks` go to every stage's Trainer."""
-    if training_args.max_steps > 0:
-        raise ValueError("Stages are counted in epochs: use --num_train_epochs and --freeze_backbone_epochs "
-                         "(fractions are fine) instead of --max_steps.")
+    overrides = model_overrides(model_args)  # argument errors first, before any data or model is loaded
+    stage_plan(stage_args, training_args, pretrained_backbone=model_args.model_name_or_path is not None)
     set_seed(training_args.seed)
     started = time.time()
 
@@ -278,9 +289,19 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     logger.info("Data check:\n%s", report.summary())
     train, validation, test = dataset["train"], dataset["validation"], dataset.get("test")
 
-    built_in_data = not (data_args.dataset_name or data_args.coco_annotations)
-    model, processor, base_model = load_model(model_args, id2label, token=training_args.hub_token,
-                                              built_in_data=built_in_data)
+    if model_args.model_name_or_path is None and (data_args.dataset_name or data_args.coco_annotations):
+        logger.warning("No --model_name_or_path: training a new, randomly initialised DiT on your data. Give a "
+                       "pretrained one (e.g. facebook/DiT-XL-2-256) for a useful detector.")
+    detector = load_detector(model_args.model_name_or_path, id2label, preset=model_args.model_preset or "small",
+                             overrides=overrides, vae=model_args.vae_name_or_path,
+                             fold_conditioning=model_args.fold_conditioning, token=training_args.hub_token,
+                             image_sizes=list(zip(train["height"], train["width"])))
+    model, base_model = detector.model, model_args.model_name_or_path
+    processor = DiTDetectionImageProcessor(size=dict(zip(("height", "width"), model.config.image_size)),
+                                           size_divisor=model.config.backbone_stride)
+    plan = stage_plan(stage_args, training_args, detector.pretrained_backbone)
+    logger.info("Training %s on %s input images, %s.", "a pretrained DiT" if detector.pretrained_backbone else
+                "a new DiT", "x".join(map(str, model.config.image_size)), plan.describe())
     augmentation = make_train_augmentation(tuple(model.config.image_size), data_args.augmentation)
     train_set = train.with_transform(DetectionTransform(processor, augmentation))
     eval_sets = {"validation": validation.with_transform(DetectionTransform(processor))}
@@ -288,16 +309,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
         eval_sets["test"] = test.with_transform(DetectionTransform(processor))
     evaluator = DetectionEvaluator(processor, id2label)
 
-    backbone_lr = stage_args.backbone_learning_rate or training_args.learning_rate / 10
-
     def make_trainer(args):
         return DetectionTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets["validation"],
                                 data_collator=collate_fn, processing_class=processor,
                                 compute_metrics=evaluator, preprocess_logits_for_metrics=evaluator.preprocess,
-                                backbone_learning_rate=backbone_lr, layer_decay=stage_args.layer_decay,
+                                backbone_learning_rate=plan.backbone_learning_rate, layer_decay=plan.layer_decay,
                                 callbacks=list(callbacks))
 
-    trainer, metrics = train_in_stages(model, training_args, stage_args, make_trainer)
+    trainer, metrics = train_in_stages(model, training_args, plan, make_trainer, stage_args.overwrite_output_dir)
     if trainer is None:  # resumed after both stages had finished
         trainer = make_trainer(training_args)
     for split, eval_set in eval_sets.items():
@@ -308,8 +327,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))  # weights, config with auto_map, the code, preprocessor_config.json
     if trainer.is_world_process_zero():
-        stage_one_epochs, stage_two_epochs = stage_epochs(training_args.num_train_epochs,
-                                                          stage_args.freeze_backbone_epochs)
         (output_dir / "all_results.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         write_preview(model, processor, validation, id2label, output_dir / "predictions_preview.png",
                       data_args.preview_images, data_args.preview_threshold)
@@ -317,9 +334,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
             model_name=output_dir.name, dataset_name=dataset_name, metrics=metrics,
             repo_id=training_args.hub_model_id or output_dir.name, base_model=base_model,
             num_train_images=len(train), num_eval_images=len(validation),
-            freeze_backbone_epochs=stage_one_epochs, stage_two_epochs=stage_two_epochs,
-            unfreeze_last_blocks=stage_args.unfreeze_last_blocks, backbone_learning_rate=backbone_lr,
-            layer_decay=stage_args.layer_decay, data_report=report.summary().replace("\n", "; "),
+            stage_plan=plan, data_report=report.summary().replace("\n", "; "),
             hyperparameters={key: getattr(training_args, key) for key in (
                 "learning_rate", "per_device_train_batch_size", "num_train_epochs", "weight_decay",
                 "lr_scheduler_type", "warmup_steps", "max_grad_norm", "seed")},

@@ -149,18 +149,55 @@ def test_arguments_from_json_and_yaml(tmp_path):
         assert training_args.batch_eval_metrics and training_args.eval_use_gather_object
 
 
-def test_real_data_defaults_differ_from_the_built_in_data_defaults():
-    _, _, synthetic_stages, synthetic = run_detection.parse_arguments(["--output_dir", "x"])
-    _, _, real_stages, real = run_detection.parse_arguments(["--output_dir", "x", "--dataset_name", "cppe-5"])
-    assert synthetic_stages.freeze_backbone_epochs == 0 and real_stages.freeze_backbone_epochs == 1
+def test_built_in_job_settings_apply_only_to_the_built_in_job():
+    _, _, _, synthetic = run_detection.parse_arguments(["--output_dir", "x"])
+    _, _, _, real = run_detection.parse_arguments(["--output_dir", "x", "--dataset_name", "cppe-5"])
     assert synthetic.learning_rate == 1e-3 and real.learning_rate == 1e-4
     _, _, _, given = run_detection.parse_arguments(["--output_dir", "x", "--learning_rate", "5e-5"])
     assert given.learning_rate == 5e-5
-    # A pretrained DiT on the built-in data still gets the fine-tuning recipe, not the from-scratch one.
-    _, _, pretrained_stages, pretrained = run_detection.parse_arguments(
+    _, _, _, pretrained = run_detection.parse_arguments(
         ["--output_dir", "x", "--model_name_or_path", "facebook/DiT-XL-2-256"])
-    assert pretrained_stages.freeze_backbone_epochs == 1 and pretrained_stages.backbone_learning_rate is None
     assert pretrained.learning_rate == 1e-4
+
+
+def test_the_recipe_follows_whether_the_backbone_is_pretrained():
+    _, _, stages, training = run_detection.parse_arguments(["--output_dir", "x", "--num_train_epochs", "10"])
+    scratch = run_detection.stage_plan(stages, training, pretrained_backbone=False)
+    assert (scratch.recipe, scratch.stage_one, scratch.stage_two) == ("scratch", 0, 10)
+    assert scratch.backbone_learning_rate == training.learning_rate and scratch.layer_decay == 1.0
+    pretrained = run_detection.stage_plan(stages, training, pretrained_backbone=True)
+    assert (pretrained.recipe, pretrained.stage_one, pretrained.stage_two) == ("two-stage", 1, 9)
+    assert pretrained.backbone_learning_rate == pytest.approx(training.learning_rate / 10)
+    assert pretrained.layer_decay == 0.9
+    # A named recipe wins over the default, explicit options over the recipe.
+    _, _, stages, training = run_detection.parse_arguments(
+        ["--output_dir", "x", "--recipe", "two-stage", "--layer_decay", "0.8", "--num_train_epochs", "4"])
+    named = run_detection.stage_plan(stages, training, pretrained_backbone=False)
+    assert (named.recipe, named.stage_one, named.layer_decay) == ("two-stage", 1, 0.8)
+    assert "recipe two-stage" in named.describe()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--freeze_backbone_epochs", "5", "--num_train_epochs", "3"], "--freeze_backbone_epochs 5.0 must lie in"),
+    (["--freeze_backbone_epochs", "-1"], "--freeze_backbone_epochs -1.0 must lie in"),
+    (["--layer_decay", "-0.5"], r"--layer_decay must lie in \(0, 1\]"),
+    (["--layer_decay", "1.5"], r"--layer_decay must lie in \(0, 1\]"),
+    (["--backbone_learning_rate", "0"], "--backbone_learning_rate must be a positive number"),
+    (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
+    (["--unfreeze_last_blocks", "0"], "--unfreeze_last_blocks must be >= 1"),
+    (["--config_overrides", "{not json"], "--config_overrides is not valid JSON"),
+    (["--config_overrides", "[1, 2]"], "--config_overrides must be a JSON object"),
+    (["--config_overrides", '{"decoder_layerz": 6}'], r"Unknown config fields \['decoder_layerz'\]"),
+    (["--image_size", "64x64"], "--image_size must be 'SIDE' or 'HEIGHT,WIDTH'"),
+    (["--out_indices", "a,b"], "--out_indices must be comma-separated stage numbers"),
+])
+def test_bad_arguments_are_refused_before_any_data_is_loaded(tmp_path, monkeypatch, argv, message):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the arguments were checked")
+
+    monkeypatch.setattr(run_detection, "load_data", no_data)
+    with pytest.raises(ValueError, match=message):
+        _run([*SMALL_JOB, "--output_dir", str(tmp_path / "out"), *argv])
 
 
 def test_coco_split_options_are_parsed_or_refused():
@@ -171,9 +208,12 @@ def test_coco_split_options_are_parsed_or_refused():
             run_detection._split_paths(bad, "--coco_annotations")
 
 
-def test_max_steps_is_rejected_with_a_reason(tmp_path):
-    with pytest.raises(ValueError, match="Stages are counted in epochs"):
-        _run([*SMALL_JOB, "--output_dir", str(tmp_path / "out"), "--max_steps", "5"])
+def test_max_steps_is_split_between_the_stages(tmp_path):
+    recorder = StageRecorder()
+    _run([*SMALL_JOB, "--output_dir", str(tmp_path / "out"), "--max_steps", "4", "--num_train_epochs", "2",
+          "--freeze_backbone_epochs", "1", "--eval_strategy", "no", "--save_strategy", "no",
+          "--synthetic_eval_size", "2"], callbacks=[recorder])
+    assert [len(run["steps"]) for run in recorder.runs] == [2, 2]  # 4 steps in the proportion 1 : (2 - 1)
 
 
 def test_help_explains_every_option():

@@ -11,6 +11,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..configuration_dit_detection import DiTDetectionConfig
+from .recipes import StagePlan
 
 SUMMARY_METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 # The metric names of the `model-index` results, as the Hub's leaderboards read them.
@@ -29,11 +30,7 @@ class TrainingSummary:
     license: str = "apache-2.0"
     num_train_images: int = 0
     num_eval_images: int = 0
-    freeze_backbone_epochs: float = 0
-    stage_two_epochs: float = 0
-    unfreeze_last_blocks: int | None = None
-    backbone_learning_rate: float | None = None
-    layer_decay: float = 1.0
+    stage_plan: StagePlan | None = None
     hyperparameters: dict = field(default_factory=dict)
     data_report: str = ""
     compute_description: str = ""
@@ -75,8 +72,7 @@ def render_model_card(config: DiTDetectionConfig, summary: TrainingSummary, temp
                 f"{dit.num_attention_heads} heads, patch {dit.patch_size}")
     backbone += (f", on the latents of a frozen VAE encoder (x{dit.vae_downsample_factor})" if dit.vae_config
                  else ", in pixel space")
-    stage_two_scope = ("the whole DiT" if summary.unfreeze_last_blocks is None
-                       else f"the last {summary.unfreeze_last_blocks} DiT blocks")
+    plan = summary.stage_plan
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),
@@ -99,11 +95,14 @@ def render_model_card(config: DiTDetectionConfig, summary: TrainingSummary, temp
         num_train_images=summary.num_train_images,
         num_eval_images=summary.num_eval_images,
         data_report=summary.data_report,
-        freeze_backbone_epochs=summary.freeze_backbone_epochs,
-        stage_two_epochs=summary.stage_two_epochs,
-        stage_two_scope=stage_two_scope,
-        backbone_learning_rate=summary.backbone_learning_rate,
-        layer_decay=summary.layer_decay,
+        recipe=plan.recipe if plan else None,
+        stage_unit="steps" if plan and plan.in_steps else "epoch(s)",
+        stage_one=plan.stage_one if plan else 0,
+        stage_two=plan.stage_two if plan else 0,
+        stage_two_scope=("the whole DiT" if plan is None or plan.unfreeze_last_blocks is None
+                         else f"the last {plan.unfreeze_last_blocks} DiT blocks"),
+        backbone_learning_rate=plan.backbone_learning_rate if plan else None,
+        layer_decay=plan.layer_decay if plan else None,
         hyperparameters=summary.hyperparameters,
         evaluation_table=[(key, metrics[key]) for key in SUMMARY_METRICS if metrics.get(key) is not None],
         per_class_table=per_class,

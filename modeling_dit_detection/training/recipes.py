@@ -41,6 +41,68 @@ def default_recipe(pretrained_backbone: bool) -> str:
     return "two-stage" if pretrained_backbone else "scratch"
 
 
+@dataclass(frozen=True)
+class StagePlan:
+    """The two stages of one run. Lengths are epochs, or optimiser steps when `in_steps` (a run given
+    `--max_steps`); a stage of length 0 is skipped. Stage two trains the backbone (or its last
+    `unfreeze_last_blocks` blocks) with its last block at `backbone_learning_rate` and each earlier block at
+    `layer_decay` times the next one's rate."""
+
+    recipe: str
+    stage_one: float
+    stage_two: float
+    in_steps: bool
+    backbone_learning_rate: float
+    layer_decay: float
+    unfreeze_last_blocks: int | None = None
+
+    def describe(self) -> str:
+        unit = "steps" if self.in_steps else "epochs"
+        scope = "the whole DiT" if self.unfreeze_last_blocks is None else f"its last {self.unfreeze_last_blocks} blocks"
+        return (f"recipe {self.recipe}: stage one {self.stage_one:g} {unit} on a frozen backbone, stage two "
+                f"{self.stage_two:g} {unit} training {scope} (last block at lr {self.backbone_learning_rate:g}, "
+                f"layer decay {self.layer_decay:g})")
+
+
+def plan_stages(pretrained_backbone: bool, learning_rate: float, num_train_epochs: float, max_steps: int = -1,
+                recipe: str | None = None, freeze_backbone_epochs: float | None = None,
+                backbone_learning_rate: float | None = None, layer_decay: float | None = None,
+                unfreeze_last_blocks: int | None = None) -> StagePlan:
+    """The stages of a run: the named `recipe` (default: two-stage for a pretrained backbone, scratch otherwise),
+    with any value given explicitly winning over the recipe's. With `max_steps > 0` the run is `max_steps` steps,
+    split between the stages in the proportion of `freeze_backbone_epochs` to `num_train_epochs`. Raises a
+    `ValueError` naming the option for values that make no sense."""
+    chosen = RECIPES.get(recipe or default_recipe(pretrained_backbone))
+    if chosen is None:
+        raise ValueError(f"--recipe must be one of {sorted(RECIPES)}, got {recipe!r}.")
+    freeze = chosen.freeze_backbone_epochs if freeze_backbone_epochs is None else freeze_backbone_epochs
+    layer_decay = chosen.layer_decay if layer_decay is None else layer_decay
+    if backbone_learning_rate is None:
+        backbone_learning_rate = learning_rate * chosen.backbone_learning_rate_scale
+    _check_positive("--learning_rate", learning_rate)
+    _check_positive("--backbone_learning_rate", backbone_learning_rate)
+    if not 0 < layer_decay <= 1:
+        raise ValueError(f"--layer_decay must lie in (0, 1] (1 = no decay), got {layer_decay}.")
+    if unfreeze_last_blocks is not None and unfreeze_last_blocks < 1:
+        raise ValueError(f"--unfreeze_last_blocks must be >= 1 (leave it out to train the whole DiT), got "
+                         f"{unfreeze_last_blocks}.")
+    _check_positive("--num_train_epochs", num_train_epochs)
+    if not 0 <= freeze <= num_train_epochs:
+        raise ValueError(f"--freeze_backbone_epochs {freeze} must lie in [0, --num_train_epochs {num_train_epochs}]: "
+                         "stage one is part of the run.")
+    if max_steps > 0:
+        stage_one = round(max_steps * freeze / num_train_epochs)
+        return StagePlan(chosen.name, stage_one, max_steps - stage_one, True, backbone_learning_rate, layer_decay,
+                         unfreeze_last_blocks)
+    return StagePlan(chosen.name, freeze, num_train_epochs - freeze, False, backbone_learning_rate, layer_decay,
+                     unfreeze_last_blocks)
+
+
+def _check_positive(option: str, value: float) -> None:
+    if not value > 0 or value == float("inf"):  # also NaN
+        raise ValueError(f"{option} must be a positive number, got {value}.")
+
+
 @dataclass
 class LoadedDetector:
     """A detector to train: the model, what it was made from (`"preset"`, `"diffusers"` or `"dit_detection"`), and
@@ -52,17 +114,24 @@ class LoadedDetector:
 
 
 def load_detector(source: str | None, id2label: dict[int, str], preset: str = "small", overrides: dict | None = None,
-                  vae: str | None = None, fold_conditioning: bool = False, token: str | None = None) -> LoadedDetector:
+                  vae: str | None = None, fold_conditioning: bool = False, token: str | None = None,
+                  image_sizes: list[tuple[int, int]] | None = None) -> LoadedDetector:
     """A `DiTForObjectDetection` for `id2label` from `source`: a diffusers DiT (pipeline or transformer; pretrained
     backbone, new head), a saved `DiTForObjectDetection` (fine-tuned further; a new class head where the classes
     differ), or, when `source` is None, a new model from `preset` with random weights.
 
     `overrides`: `DiTDetectionConfig` and backbone fields. For a saved detector, a field that shapes weights
     (backbone geometry, decoder sizes) is an error: it would silently re-initialise trained weights.
+    `image_sizes`: (height, width) of the training images; a new model without an `image_size` override takes its
+    input size from them (`input_size_from_data`), so objects keep their size in pixels as far as the cap allows.
     """
     overrides = dict(overrides or {})
     if source is None:
-        model = DiTForObjectDetection(DiTDetectionConfig.from_preset(preset, id2label=id2label, **overrides))
+        config = DiTDetectionConfig.from_preset(preset, id2label=id2label, **overrides)
+        if image_sizes and "image_size" not in overrides:
+            config.image_size = input_size_from_data(image_sizes, config.backbone_stride)
+            logger.info("Input size %s (height x width) from the median training image size.", config.image_size)
+        model = DiTForObjectDetection(config)
         loaded = LoadedDetector(model, "preset", pretrained_backbone=False)
     elif checkpoint_kind(source, token=token) == "diffusers":
         model = DiTForObjectDetection.from_diffusers(source, vae=vae, id2label=id2label, hub_kwargs={"token": token},
@@ -134,5 +203,5 @@ def input_size_from_data(sizes: list[tuple[int, int]], stride: int, cap: int = 5
     return tuple(max(stride, round(side * scale / stride) * stride) for side in (height, width))
 
 
-__all__ = ["CONFIG_FIELDS", "LoadedDetector", "WEIGHT_SHAPING_FIELDS", "check_config_overrides", "RECIPES", "Recipe", "default_recipe", "input_size_from_data",
+__all__ = ["CONFIG_FIELDS", "LoadedDetector", "StagePlan", "plan_stages", "WEIGHT_SHAPING_FIELDS", "check_config_overrides", "RECIPES", "Recipe", "default_recipe", "input_size_from_data",
            "load_detector"]

@@ -114,23 +114,16 @@ class DetectionTrainer(Trainer):
         return self.optimizer
 
 
-def stage_epochs(num_train_epochs: float, freeze_backbone_epochs: float) -> tuple[float, float]:
-    """(epochs of stage one, epochs of stage two): stage one takes up to `freeze_backbone_epochs` of the total."""
-    stage_one = min(freeze_backbone_epochs, num_train_epochs)
-    return stage_one, num_train_epochs - stage_one
-
-
-def train_in_stages(model, training_args, stage_args, make_trainer):
-    """Stage one (frozen backbone), then stage two (backbone trains), each its own Trainer and DDP wrap, each with
-    its own checkpoints under output_dir/stage1, output_dir/stage2. `make_trainer(args)` builds a stage's Trainer.
-    Returns the last trainer and per-stage train metrics.
+def train_in_stages(model, training_args, plan, make_trainer, overwrite_output_dir: bool = False):
+    """Stage one (frozen backbone), then stage two (backbone trains), as `plan` (a `StagePlan`) lays them out, each
+    its own Trainer and DDP wrap, each with its own checkpoints under output_dir/stage1, output_dir/stage2.
+    `make_trainer(args)` builds a stage's Trainer. Returns the last trainer and per-stage train metrics.
 
     `training_args.resume_from_checkpoint`: "true" continues from the latest checkpoint of the stage the run
     stopped in (a finished stage one is not trained again); a path to one `checkpoint-N` folder under
     output_dir/stage1 or output_dir/stage2 continues from exactly that one.
     """
-    stage_one, stage_two = stage_epochs(training_args.num_train_epochs, stage_args.freeze_backbone_epochs)
-    stages = [(1, stage_one, False), (2, stage_two, True)]
+    stages = [(1, plan.stage_one, False), (2, plan.stage_two, True)]
     output_dir = Path(training_args.output_dir)
     resume, given_checkpoint = _resume_request(training_args.resume_from_checkpoint, output_dir)
     stage_one_done = output_dir / "stage1" / "completed"
@@ -139,7 +132,7 @@ def train_in_stages(model, training_args, stage_args, make_trainer):
         torch.distributed.barrier()  # every process looks before any creates this run's stage folders
     if earlier and not resume:
         # An earlier run's marker and checkpoints would be mistaken for this run's on a later resume.
-        if not stage_args.overwrite_output_dir:
+        if not overwrite_output_dir:
             raise ValueError(f"{output_dir} holds the stages of an earlier run ({', '.join(map(str, earlier))}): "
                              "continue it with --resume_from_checkpoint true, start over with "
                              "--overwrite_output_dir true (deletes them), or choose another --output_dir.")
@@ -148,19 +141,21 @@ def train_in_stages(model, training_args, stage_args, make_trainer):
                 for folder in earlier:
                     shutil.rmtree(folder, ignore_errors=True)
     trainer, metrics = None, {}
-    for number, epochs, train_backbone in stages:
-        if epochs <= 0:
+    for number, length, train_backbone in stages:
+        if length <= 0:
             continue
         stage_dir = output_dir / f"stage{number}"
         given_stage = given_checkpoint.parent.name if given_checkpoint is not None else None
         if number == 1 and resume and (given_stage == "stage2" or (given_stage is None and stage_one_done.exists())):
             logger.info("Resuming in stage two: skipping stage one (%s).", stage_dir)
             continue
-        set_trainable(model, train_backbone, stage_args.unfreeze_last_blocks)
-        logger.info("Stage %d: %g epoch(s), %s backbone, %s trainable parameters.", number, epochs,
-                    "training the" if train_backbone else "frozen", f"{count_trainable(model):,}")
-        args = dataclasses.replace(training_args, output_dir=str(stage_dir), num_train_epochs=epochs,
-                                   push_to_hub=False, resume_from_checkpoint=None)
+        set_trainable(model, train_backbone, plan.unfreeze_last_blocks)
+        logger.info("Stage %d: %g %s, %s backbone, %s trainable parameters.", number, length,
+                    "steps" if plan.in_steps else "epochs", "training the" if train_backbone else "frozen",
+                    f"{count_trainable(model):,}")
+        length_args = {"max_steps": int(length)} if plan.in_steps else {"num_train_epochs": length}
+        args = dataclasses.replace(training_args, output_dir=str(stage_dir), push_to_hub=False,
+                                   resume_from_checkpoint=None, **length_args)
         trainer = make_trainer(args)
         checkpoint = None
         if given_stage == stage_dir.name:
