@@ -1,6 +1,7 @@
 """Shared builders for the tests: tiny configs, valid targets, the run_detection.py script as a module."""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -64,6 +65,12 @@ def coco_map(predictions: list[dict], labels: list[dict], image_size: tuple[int,
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment for a test's child processes: one compute thread each. Several children of 2 threads each on
+    a 2-core machine oversubscribe it, and a loaded machine then turns seconds into minutes."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
 def load_run_detection():

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import textwrap
 import PIL.Image
 import pytest
 import torch
-from helpers import ROOT, tiny_config
+from helpers import ROOT, tiny_config, worker_env
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
 
@@ -51,7 +50,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent("""
 
 def _clean_env(tmp_path) -> dict:
     # Remote code is copied into HF_MODULES_CACHE; keep it inside the test's folder.
-    return {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    return worker_env(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
 
 
 def _image(path, size=(90, 70)):

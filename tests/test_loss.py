@@ -292,6 +292,7 @@ def test_global_num_boxes_single_process():
 
 
 def _distributed_worker(rank, init_file, result_file):
+    torch.set_num_threads(1)  # two workers on a 2-core machine
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         generator = torch.Generator().manual_seed(rank)

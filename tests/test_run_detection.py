@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 import torch
 import transformers
-from helpers import ROOT, SMALL_JOB, StageRecorder, load_run_detection
+from helpers import ROOT, SMALL_JOB, StageRecorder, load_run_detection, worker_env
 from transformers import AutoModelForObjectDetection, pipeline
 
 run_detection = load_run_detection()
@@ -218,7 +218,7 @@ def test_max_steps_is_split_between_the_stages(tmp_path):
 
 def test_help_explains_every_option():
     result = subprocess.run([sys.executable, str(ROOT / "run_detection.py"), "--help"], capture_output=True,
-                            text=True, check=True)
+                            text=True, check=True, env=worker_env())
     text = " ".join(result.stdout.split())
     for cls in (run_detection.ModelArguments, run_detection.DataArguments, run_detection.StageArguments):
         for name, field in cls.__dataclass_fields__.items():
@@ -267,7 +267,7 @@ def test_bad_records_are_skipped_counted_and_reported(tmp_path):
 def test_default_job_as_the_readme_runs_it(tmp_path):
     """The README's main command: the built-in data and model, default options. Takes minutes."""
     result = subprocess.run([sys.executable, str(ROOT / "run_detection.py"), "--output_dir", str(tmp_path / "out")],
-                            capture_output=True, text=True, cwd=tmp_path)
+                            capture_output=True, text=True, cwd=tmp_path, env=worker_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     match = re.search(r"test mAP: ([0-9.]+)", result.stdout)
     assert match, result.stdout[-2000:]
@@ -296,7 +296,7 @@ def test_two_process_ddp_run_matches_single_process_evaluation(tmp_path):
            "--output_dir", str(output_dir)]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(_free_port()), str(ROOT / "run_detection.py"), *argv, *ddp],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600, env=worker_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     distributed = json.loads((output_dir / "all_results.json").read_text())
 
