@@ -40,7 +40,8 @@ from modeling_dit_detection.training.model_card import TrainingSummary, render_m
 from modeling_dit_detection.training.recipes import StagePlan, check_config_overrides, load_detector, plan_stages
 from modeling_dit_detection.predict import detect
 from modeling_dit_detection.training.synthetic_data import make_synthetic_detection_dataset
-from modeling_dit_detection.training.trainer import DetectionTrainer, train_in_stages
+from modeling_dit_detection.training.stages import prepare_output_dir, train_in_stages
+from modeling_dit_detection.training.trainer import DetectionTrainer
 from modeling_dit_detection.visualization import detection_grid
 
 logger = logging.getLogger("run_detection")
@@ -270,6 +271,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     """The whole job; returns the metrics also written to all_results.json. `callbacks` go to every stage's Trainer."""
     overrides = model_overrides(model_args)  # argument errors first, before any data or model is loaded
     stage_plan(stage_args, training_args, pretrained_backbone=model_args.model_name_or_path is not None)
+    prepare_output_dir(training_args, stage_args.overwrite_output_dir, model_args.model_name_or_path)
     set_seed(training_args.seed)
     started = time.time()
 
@@ -316,7 +318,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
                                 backbone_learning_rate=plan.backbone_learning_rate, layer_decay=plan.layer_decay,
                                 callbacks=list(callbacks))
 
-    trainer, metrics = train_in_stages(model, training_args, plan, make_trainer, stage_args.overwrite_output_dir)
+    trainer, metrics = train_in_stages(model, training_args, plan, make_trainer)
     if trainer is None:  # resumed after both stages had finished
         trainer = make_trainer(training_args)
     for split, eval_set in eval_sets.items():

@@ -89,7 +89,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(int(args.child[0]), args.child[1])))
         return
-    print(f"| eval images | per-batch (ours): peak growth MiB | keep-all (Trainer default): peak growth MiB |")
+    print("| eval images | per-batch (ours): peak growth MiB | keep-all (Trainer default): peak growth MiB |")
     print("|---|---|---|")
     for size in args.sizes:
         row = []

@@ -3,6 +3,7 @@
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -105,6 +106,8 @@ def test_resume_after_a_crash_in_stage_two(tmp_path):
     assert [run["stage"] for run in recorder.runs] == ["stage2"]  # stage one is not trained again
     assert recorder.runs[0]["steps"] == list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))
     assert (output_dir / "model.safetensors").is_file() and "test_map" in metrics
+    # The report covers the whole run: stage one's metrics too, though this process did not train it.
+    assert {"stage1_train_loss", "stage2_train_loss"} <= set(metrics)
 
 
 def test_resume_after_a_crash_in_stage_one(tmp_path):
@@ -114,6 +117,12 @@ def test_resume_after_a_crash_in_stage_one(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(argv, callbacks=[StageRecorder(fail_at=("stage1", STEPS_PER_EPOCH + 1))])
     assert not (output_dir / "stage1" / "completed").exists()
+    # A save killed half-way leaves a newer checkpoint folder without its trainer state: resume skips it.
+    half_written = output_dir / "stage1" / f"checkpoint-{2 * STEPS_PER_EPOCH}"
+    half_written.mkdir()
+    (half_written / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="no trainer_state.json .*interrupted save"):
+        _run([*argv, "--resume_from_checkpoint", str(half_written)])
 
     recorder = StageRecorder()
     _run([*argv, "--resume_from_checkpoint", "true"], callbacks=[recorder])
@@ -128,11 +137,43 @@ def test_an_earlier_runs_folder_is_not_mixed_into_a_new_run(tmp_path):
     argv = [*SMALL_JOB, "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "1", "--freeze_backbone_epochs",
             "0.5", "--eval_strategy", "no", "--synthetic_eval_size", "2"]
     _run(argv)
-    with pytest.raises(ValueError, match="holds the stages of an earlier run"):
+    with pytest.raises(ValueError, match="holds an earlier run"):
         _run(argv)
     recorder = StageRecorder()
     _run([*argv, "--overwrite_output_dir", "true"], callbacks=[recorder])
     assert [run["stage"] for run in recorder.runs] == ["stage1", "stage2"]
+
+
+def test_resume_into_a_folder_without_an_earlier_run_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="holds no earlier run of this script .* nothing to resume"):
+        _run([*SMALL_JOB, "--output_dir", str(tmp_path / "typo"), "--resume_from_checkpoint", "true"])
+
+
+def test_a_saved_model_in_the_output_folder_is_never_overwritten_silently(tmp_path, small_job):
+    saved, _, _ = small_job
+    folder = tmp_path / "model"
+    shutil.copytree(saved, folder, ignore=shutil.ignore_patterns("stage*"))  # a model folder, no stages
+    before = (folder / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="holds an earlier run .*model.safetensors"):
+        _run([*SMALL_JOB, "--output_dir", str(folder)])
+    with pytest.raises(ValueError, match="holds the model it is loaded from"):
+        _run([*SMALL_JOB, "--model_name_or_path", str(folder), "--output_dir", str(folder)])
+    assert (folder / "model.safetensors").read_bytes() == before
+
+
+class PoisonHead(transformers.TrainerCallback):
+    """Makes the class head produce NaN from the first step on, as a diverging run would."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        with torch.no_grad():
+            model.class_heads[-1].bias.fill_(float("nan"))
+
+
+def test_a_non_finite_loss_stops_the_run_at_its_step_naming_the_images(tmp_path):
+    output_dir = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=r"Non-finite training loss .* at step 1 of .*stage1, batch with image_ids \["):
+        _run([*SMALL_JOB, "--output_dir", str(output_dir)], callbacks=[PoisonHead()])
+    assert not (output_dir / "model.safetensors").exists() and not list(output_dir.glob("stage1/checkpoint-*"))
 
 
 def test_arguments_from_json_and_yaml(tmp_path):

@@ -5,7 +5,8 @@ from helpers import tiny_config
 from transformers import TrainingArguments
 
 from modeling_dit_detection import DiTForObjectDetection
-from modeling_dit_detection.training.trainer import DetectionTrainer, parameter_groups, set_trainable
+from modeling_dit_detection.training.stages import set_trainable
+from modeling_dit_detection.training.trainer import DetectionTrainer, parameter_groups
 
 
 @pytest.fixture

@@ -1,26 +1,18 @@
-"""Two-stage fine-tuning with transformers' `Trainer`: what is trainable in each stage, and the optimiser groups.
-
-Stage one trains the neck and head on a frozen DiT; stage two also trains the backbone (all of it, or its last
-blocks) at a smaller, layer-wise decayed learning rate. Each stage is its own `Trainer`, so each is its own DDP
-wrap: a parameter that starts requiring gradients after DDP wrapped the model would never be all-reduced.
-The VAE encoder is always frozen.
-"""
+"""The `Trainer` of one stage: layer-wise decayed backbone learning rates, object gathers for evaluation, a
+training loss kept over a whole stage across resumes, and a stop at the first non-finite loss."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
-import shutil
-from pathlib import Path
 
 import torch
 from accelerate.utils import send_to_device
 from torch import nn
-from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
-from ..modeling_dit_backbone import DiTBackbone, freeze_vae
+from ..modeling_dit_backbone import DiTBackbone
 
 logger = logging.getLogger(__name__)
 _BLOCK = re.compile(r"(?:^|\.)backbone\.layers\.(\d+)\.")
@@ -28,28 +20,6 @@ _BLOCK = re.compile(r"(?:^|\.)backbone\.layers\.(\d+)\.")
 
 def _backbone(model: nn.Module) -> DiTBackbone:
     return next(module for module in model.modules() if isinstance(module, DiTBackbone))
-
-
-def set_trainable(model: nn.Module, train_backbone: bool, unfreeze_last_blocks: int | None = None) -> None:
-    """Freeze or unfreeze the backbone. With `unfreeze_last_blocks=K`, only its last K blocks train (the patch
-    embedding, the conditioning and the earlier blocks stay frozen). Everything outside the backbone trains,
-    except the VAE encoder, which never does."""
-    backbone = _backbone(model)
-    model.requires_grad_(True)
-    backbone.requires_grad_(False)
-    if train_backbone:
-        num_blocks = len(backbone.layers)
-        first = 0 if unfreeze_last_blocks is None else max(0, num_blocks - unfreeze_last_blocks)
-        if first == 0:
-            backbone.requires_grad_(True)
-        else:
-            for block in backbone.layers[first:]:
-                block.requires_grad_(True)
-    freeze_vae(model)
-
-
-def count_trainable(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
 
 
 def backbone_lr_scale(name: str, num_blocks: int, layer_decay: float) -> float | None:
@@ -80,14 +50,71 @@ def parameter_groups(model: nn.Module, learning_rate: float, backbone_learning_r
     return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in ordered]
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; raised before the optimiser step, so no weight is corrupted."""
+
+
+class StageLoss(TrainerCallback, ExportableState):
+    """The sum and count of the training batches' losses of a stage. Saved in every checkpoint (the Trainer's
+    `stateful_callbacks`) and restored on resume, so a resumed stage reports the mean over all of its batches, where
+    the Trainer's own `train_loss` covers only the steps run since the resume."""
+
+    def __init__(self, total: float = 0.0, batches: int = 0):
+        self.total, self.batches = total, batches
+
+    def state(self) -> dict:
+        return {"args": {"total": self.total, "batches": self.batches}, "attributes": {}}
+
+
 class DetectionTrainer(Trainer):
-    """`Trainer` whose optimiser gives the backbone its own, layer-wise decayed learning rate, and whose every
-    evaluation gathers per-image labels as objects."""
+    """`Trainer` whose optimiser gives the backbone its own, layer-wise decayed learning rate, whose every
+    evaluation gathers per-image labels as objects, whose `train_loss` covers the whole stage (resumes included),
+    and which stops at the first non-finite training loss, naming the step and the batch's images."""
 
     def __init__(self, *args, backbone_learning_rate: float | None = None, layer_decay: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.backbone_learning_rate = backbone_learning_rate
         self.layer_decay = layer_decay
+        self.add_callback(StageLoss())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if model.training:
+            loss = (result[0] if return_outputs else result).detach()
+            self._check_finite(loss, inputs)
+            tracker = self.callback_handler.callbacks[self._stage_loss_index()]
+            tracker.total += float(loss)
+            tracker.batches += 1
+        return result
+
+    def _stage_loss_index(self) -> int:
+        # Resuming replaces the callback object with the restored one: look it up, never keep a reference.
+        return next(i for i, c in enumerate(self.callback_handler.callbacks) if isinstance(c, StageLoss))
+
+    def _check_finite(self, loss: torch.Tensor, inputs) -> None:
+        finite = torch.isfinite(loss).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every process stops at the same step, or the others would wait forever in the next collective.
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() == 1.0:
+            return
+        image_ids = [int(label["image_id"]) for label in inputs.get("labels", []) if "image_id" in label]
+        raise NonFiniteLossError(
+            f"Non-finite training loss ({loss.item()} on this process) at step {self.state.global_step + 1} of "
+            f"{self.args.output_dir}, batch with image_ids {image_ids}. Stopped before the optimiser step: no weight "
+            "was changed and the last checkpoint is intact. Check those images' boxes, or lower --learning_rate / "
+            "raise --warmup_steps, then --resume_from_checkpoint true.")
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        tracker = self.callback_handler.callbacks[self._stage_loss_index()]
+        totals = torch.tensor([tracker.total, float(tracker.batches)], dtype=torch.float64, device=self.args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        if totals[1] > 0:
+            output.metrics["train_loss"] = float(totals[0] / totals[1])
+        return output
 
     def evaluation_loop(self, *args, **kwargs):
         # transformers ends every evaluation loop with `self.gather_function = accelerator.gather_for_metrics`,
@@ -114,81 +141,3 @@ class DetectionTrainer(Trainer):
         return self.optimizer
 
 
-def train_in_stages(model, training_args, plan, make_trainer, overwrite_output_dir: bool = False):
-    """Stage one (frozen backbone), then stage two (backbone trains), as `plan` (a `StagePlan`) lays them out, each
-    its own Trainer and DDP wrap, each with its own checkpoints under output_dir/stage1, output_dir/stage2.
-    `make_trainer(args)` builds a stage's Trainer. Returns the last trainer and per-stage train metrics.
-
-    `training_args.resume_from_checkpoint`: "true" continues from the latest checkpoint of the stage the run
-    stopped in (a finished stage one is not trained again); a path to one `checkpoint-N` folder under
-    output_dir/stage1 or output_dir/stage2 continues from exactly that one.
-    """
-    stages = [(1, plan.stage_one, False), (2, plan.stage_two, True)]
-    output_dir = Path(training_args.output_dir)
-    resume, given_checkpoint = _resume_request(training_args.resume_from_checkpoint, output_dir)
-    stage_one_done = output_dir / "stage1" / "completed"
-    earlier = [output_dir / name for name in ("stage1", "stage2") if (output_dir / name).exists()]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every process looks before any creates this run's stage folders
-    if earlier and not resume:
-        # An earlier run's marker and checkpoints would be mistaken for this run's on a later resume.
-        if not overwrite_output_dir:
-            raise ValueError(f"{output_dir} holds the stages of an earlier run ({', '.join(map(str, earlier))}): "
-                             "continue it with --resume_from_checkpoint true, start over with "
-                             "--overwrite_output_dir true (deletes them), or choose another --output_dir.")
-        with training_args.main_process_first(desc="removing the earlier run's stages"):
-            if training_args.process_index == 0:
-                for folder in earlier:
-                    shutil.rmtree(folder, ignore_errors=True)
-    trainer, metrics = None, {}
-    for number, length, train_backbone in stages:
-        if length <= 0:
-            continue
-        stage_dir = output_dir / f"stage{number}"
-        given_stage = given_checkpoint.parent.name if given_checkpoint is not None else None
-        if number == 1 and resume and (given_stage == "stage2" or (given_stage is None and stage_one_done.exists())):
-            logger.info("Resuming in stage two: skipping stage one (%s).", stage_dir)
-            continue
-        set_trainable(model, train_backbone, plan.unfreeze_last_blocks)
-        logger.info("Stage %d: %g %s, %s backbone, %s trainable parameters.", number, length,
-                    "steps" if plan.in_steps else "epochs", "training the" if train_backbone else "frozen",
-                    f"{count_trainable(model):,}")
-        length_args = {"max_steps": int(length)} if plan.in_steps else {"num_train_epochs": length}
-        args = dataclasses.replace(training_args, output_dir=str(stage_dir), push_to_hub=False,
-                                   resume_from_checkpoint=None, **length_args)
-        trainer = make_trainer(args)
-        checkpoint = None
-        if given_stage == stage_dir.name:
-            checkpoint = str(given_checkpoint)
-        elif resume and given_stage is None:
-            checkpoint = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
-        if resume and number == 2 and checkpoint is None and stage_one_done.exists():
-            _load_weights(model, stage_one_done.parent / "final")
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        metrics.update({f"stage{number}_{key}": value for key, value in result.metrics.items()})
-        if number == 1:
-            trainer.save_model(str(stage_one_done.parent / "final"))
-            if trainer.is_world_process_zero():
-                stage_one_done.write_text("stage one finished\n")
-    return trainer, metrics
-
-
-def _resume_request(value, output_dir: Path) -> tuple[bool, Path | None]:
-    """(whether to resume, the checkpoint folder asked for or None for "the latest") from --resume_from_checkpoint."""
-    if value is None or str(value).lower() in ("", "false"):
-        return False, None
-    if str(value).lower() == "true" or value is True:
-        return True, None
-    checkpoint = Path(value).resolve()
-    if not checkpoint.is_dir() or checkpoint.parent.name not in ("stage1", "stage2") or \
-            checkpoint.parent.parent != output_dir.resolve():
-        raise ValueError(f"--resume_from_checkpoint {value}: give 'true', or a checkpoint folder of this run "
-                         f"({output_dir}/stage1/checkpoint-N or {output_dir}/stage2/checkpoint-N).")
-    return True, checkpoint
-
-
-def _load_weights(model, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    logger.info("Loaded the stage-one weights from %s.", folder)
