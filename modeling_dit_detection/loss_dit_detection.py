@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
-from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 # Replaces NaN/inf matching costs (degenerate boxes, overflow under mixed precision, transformers#42202): large
 # enough that such a pair is never preferred, small enough that scipy's sums stay exact in float64.
@@ -73,7 +73,11 @@ def validate_labels(labels, batch_size: int, num_labels: int) -> None:
 
 class HungarianMatcher:
     """One-to-one matching of predictions to targets, minimising
-    `class_cost * focal + bbox_cost * L1(cxcywh) - giou_cost * GIoU(xyxy)` per image (and per query group)."""
+    `class_cost * focal + bbox_cost * L1(cxcywh) - giou_cost * GIoU(xyxy)` per image (and per query group).
+
+    Costs are computed per image (padded to the batch's largest target count, never against the other images'
+    targets), in float32 on the logits' device, and reach the CPU in one copy; scipy then solves each image's and
+    group's assignment."""
 
     def __init__(self, class_cost=2.0, bbox_cost=5.0, giou_cost=2.0, focal_alpha=0.25, focal_gamma=2.0):
         self.class_cost, self.bbox_cost, self.giou_cost = class_cost, bbox_cost, giou_cost
@@ -97,39 +101,60 @@ class HungarianMatcher:
             raise ValueError(f"{queries} queries cannot be split into {num_groups} equal groups.")
         sizes = [len(t["boxes"]) for t in targets]
         empty = torch.empty(0, dtype=torch.int64)
-        if sum(sizes) == 0:
+        if max(sizes, default=0) == 0:
             return [(empty, empty) for _ in range(batch)]
-        # float32 without autocast: bf16/fp16 focal logs and GIoU divisions are what produce NaN costs.
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            prob = logits.flatten(0, 1).float().sigmoid()  # [B*Q, C]
-            boxes = pred_boxes.flatten(0, 1).float()  # [B*Q, 4]
-            target_ids = torch.cat([t["class_labels"] for t in targets]).to(logits.device, torch.int64)
-            target_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device, torch.float32)
-            # Deformable-DETR focal cost: what a positive costs minus what the same logit costs as a negative.
-            alpha, gamma = self.focal_alpha, self.focal_gamma
-            positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
-            negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
-            class_cost = (positive - negative)[:, target_ids]  # [B*Q, N]
-            bbox_cost = torch.cdist(boxes, target_boxes, p=1)
-            giou_cost = -generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
-                                             box_convert(target_boxes, "cxcywh", "xyxy"))
-            cost = self.class_cost * class_cost + self.bbox_cost * bbox_cost + self.giou_cost * giou_cost
-            cost = torch.where(cost.isfinite(), cost, torch.full_like(cost, _INVALID_COST))
-        cost = cost.view(batch, queries, -1).cpu().double()
+        cost = self.cost_matrices(logits, pred_boxes, targets).cpu().numpy()  # [B, Q, max n]
         group_size = queries // num_groups
         indices = []
-        for image, image_cost in enumerate(cost.split(sizes, dim=-1)):
-            if sizes[image] == 0:
-                indices.append((empty, empty))
-                continue
-            rows, cols = [], []
-            for group in range(num_groups):
-                start = group * group_size
-                row, col = linear_sum_assignment(image_cost[image, start:start + group_size].numpy())
+        for image, size in enumerate(sizes):
+            rows, cols = [empty], [empty]
+            for start in range(0, queries if size else 0, group_size):
+                row, col = linear_sum_assignment(cost[image, start:start + group_size, :size])
                 rows.append(torch.as_tensor(row, dtype=torch.int64) + start)
                 cols.append(torch.as_tensor(col, dtype=torch.int64))
             indices.append((torch.cat(rows), torch.cat(cols)))
         return indices
+
+    def cost_matrices(self, logits, pred_boxes, targets) -> torch.Tensor:
+        """`[batch, queries, max n]` float32 matching costs of each image's queries against its own targets (columns
+        past an image's target count are padding). NaN / inf costs (degenerate boxes, overflow) become a large
+        finite cost, so such a pair is never preferred and scipy never sees a non-finite number."""
+        device = logits.device
+        max_targets = max(len(t["boxes"]) for t in targets)
+        target_ids = torch.zeros(len(targets), max_targets, dtype=torch.int64, device=device)
+        target_boxes = torch.full((len(targets), max_targets, 4), 0.5, device=device)  # padding: any valid box
+        for image, target in enumerate(targets):
+            count = len(target["boxes"])
+            target_ids[image, :count] = target["class_labels"].to(device)
+            target_boxes[image, :count] = target["boxes"].to(device, torch.float32)
+        # float32 without autocast: bf16/fp16 focal logs and GIoU divisions are what produce NaN costs.
+        with torch.autocast(device_type=device.type, enabled=False):
+            prob = logits.float().sigmoid()  # [B, Q, C]
+            boxes = pred_boxes.float()
+            # Deformable-DETR focal cost: what a positive costs minus what the same logit costs as a negative.
+            alpha, gamma = self.focal_alpha, self.focal_gamma
+            positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+            negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
+            class_cost = (positive - negative).gather(2, target_ids[:, None, :].expand(-1, boxes.shape[1], -1))
+            bbox_cost = torch.cdist(boxes, target_boxes, p=1)
+            giou = batched_generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
+                                               box_convert(target_boxes, "cxcywh", "xyxy"))
+            cost = self.class_cost * class_cost + self.bbox_cost * bbox_cost - self.giou_cost * giou
+            return torch.nan_to_num(cost, nan=_INVALID_COST, posinf=_INVALID_COST, neginf=_INVALID_COST)
+
+
+def batched_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Pairwise generalised IoU per batch element: `[B, N, 4]` x `[B, M, 4]` (x0, y0, x1, y1) -> `[B, N, M]`; the
+    batched form of `torchvision.ops.generalized_box_iou`, which takes one image's boxes at a time."""
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    top_left = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])
+    bottom_right = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(-1)
+    union = area1[:, :, None] + area2[:, None, :] - intersection
+    hull = (torch.max(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
+            - torch.min(boxes1[:, :, None, :2], boxes2[:, None, :, :2])).clamp(min=0).prod(-1)
+    return intersection / union - (hull - union) / hull
 
 
 @dataclass

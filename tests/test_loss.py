@@ -308,3 +308,16 @@ def test_global_num_boxes_all_reduce_across_two_processes(tmp_path):
     mp.spawn(_distributed_worker, args=(str(tmp_path / "init"), str(result_file)), nprocs=2, join=True)
     for rank in range(2):
         assert torch.load(f"{result_file}.{rank}").item() == 4.0
+
+
+def test_batched_generalized_box_iou_equals_torchvision_per_image():
+    from torchvision.ops import box_convert, generalized_box_iou
+
+    from modeling_dit_detection.loss_dit_detection import batched_generalized_box_iou
+
+    generator = torch.Generator().manual_seed(3)
+    first = box_convert(torch.rand(3, 7, 4, generator=generator) * 0.5 + 0.25, "cxcywh", "xyxy")
+    second = box_convert(torch.rand(3, 5, 4, generator=generator) * 0.5 + 0.25, "cxcywh", "xyxy")
+    batched = batched_generalized_box_iou(first, second)
+    for image in range(3):
+        torch.testing.assert_close(batched[image], generalized_box_iou(first[image], second[image]))
