@@ -139,11 +139,12 @@ class DiTDetectionImageProcessor(TorchvisionBackend):
         Args:
             outputs: model output (or mapping) with `logits` (`[batch, queries, classes]`, sigmoid classification, no
                 background class) and `pred_boxes` (`[batch, queries, 4]`, cx, cy, w, h normalised).
-            threshold (`float`): keep detections with score > threshold.
-            target_sizes (`torch.Tensor` `[batch, 2]` or list of (height, width), *optional*): original image sizes;
-                boxes are scaled to those pixels. `None` leaves them normalised.
-            top_k (`int`): at most this many (query, class) pairs per image, over all `queries x classes`, so one
-                query can give several labels.
+            threshold (`float`): keep detections with score > threshold (a finite number).
+            target_sizes (`torch.Tensor` `[batch, 2]` or a list of `batch` (height, width) pairs, *optional*):
+                original image sizes in pixels (positive, finite); boxes are scaled to those pixels. `None` leaves
+                them normalised.
+            top_k (`int`): at most this many (query, class) pairs per image (a positive integer), over all
+                `queries x classes`, so one query can give several labels.
 
         Returns:
             `list[dict]`, one per image: `scores` (`[k]`), `labels` (`[k]`, int64), `boxes` (`[k, 4]`, x0, y0, x1, y1,
@@ -154,12 +155,14 @@ class DiTDetectionImageProcessor(TorchvisionBackend):
         else:
             logits, pred_boxes = outputs.logits, outputs.pred_boxes
         batch, num_queries, num_classes = logits.shape
+        if isinstance(threshold, bool) or not isinstance(threshold, Real) or not math.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}.")
+        if isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
         # Clipped to the image: a box may overhang it in the model's cx, cy, w, h, never in the result.
         boxes = box_convert(pred_boxes.float(), in_fmt="cxcywh", out_fmt="xyxy").clamp(0.0, 1.0)
         if target_sizes is not None:
-            sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=boxes.device).reshape(-1, 2)
-            if len(sizes) != batch:
-                raise ValueError(f"Got {len(sizes)} target sizes for a batch of {batch} images.")
+            sizes = _check_target_sizes(target_sizes, batch).to(boxes.device)
             height, width = sizes.unbind(-1)
             boxes = boxes * torch.stack([width, height, width, height], dim=-1)[:, None, :]
 
@@ -172,6 +175,40 @@ class DiTDetectionImageProcessor(TorchvisionBackend):
             keep = score > threshold
             results.append({"scores": score[keep], "labels": label[keep], "boxes": box[keep]})
         return results
+
+
+def _check_target_sizes(target_sizes, batch: int) -> torch.Tensor:
+    """`target_sizes` as a float32 tensor [batch, 2] of (height, width); a ValueError says what was given otherwise.
+
+    Shapes are checked before anything is reshaped: a flat list of 4 numbers is not 2 sizes, and a (height, width,
+    channels) triple is not a size.
+    """
+    expected = f"a tensor [{batch}, 2] or a list of {batch} (height, width) pairs, one per image"
+    if isinstance(target_sizes, (torch.Tensor, np.ndarray)):
+        if target_sizes.ndim != 2 or target_sizes.shape[1] != 2:
+            raise ValueError(f"target_sizes must be {expected}; got a tensor of shape {list(target_sizes.shape)}.")
+    elif not isinstance(target_sizes, (list, tuple)):
+        raise ValueError(f"target_sizes must be {expected}; got {type(target_sizes).__name__}.")
+    rows = []
+    for index, pair in enumerate(target_sizes):
+        if isinstance(pair, (torch.Tensor, np.ndarray)):
+            values = pair.tolist() if pair.ndim == 1 else None
+        elif isinstance(pair, (list, tuple)):  # 0-d tensors count as numbers, e.g. the items of tensor.unbind()
+            values = [v.item() if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim == 0 else v for v in pair]
+        else:
+            values = None
+        if (values is None or len(values) != 2
+                or not all(isinstance(v, Real) and not isinstance(v, bool) for v in values)):
+            raise ValueError(f"target_sizes must be {expected}; entry {index} is {pair!r}.")
+        height, width = float(values[0]), float(values[1])
+        if not (math.isfinite(height) and math.isfinite(width) and height > 0 and width > 0):
+            raise ValueError(f"target_sizes[{index}] is (height={height}, width={width}): both must be positive, "
+                             "finite numbers of pixels.")
+        rows.append((height, width))
+    if len(rows) != batch:
+        raise ValueError(f"Got {len(rows)} target sizes for a batch of {batch} images; target_sizes must be "
+                         f"{expected}.")
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, 2)
 
 
 def _check_object(obj, width: int, height: int) -> tuple[int, list[float]]:
