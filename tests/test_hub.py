@@ -1,4 +1,6 @@
-"""A training output is a complete Hub model repo: remote code in a clean process, the card, the push, the CLI."""
+"""A training output is a complete Hub model repo: remote code in a clean process, the card, the push.
+
+The predict and hub command lines are tested in test_predict_cli.py."""
 
 import json
 import logging
@@ -8,14 +10,12 @@ import sys
 import textwrap
 
 import PIL.Image
-import pytest
 import torch
 from helpers import ROOT, tiny_config, worker_env
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
 
 from modeling_dit_detection.hub import files_to_upload, push_folder_to_hub
-from modeling_dit_detection.predict import main as predict_main
 
 # Runs in a fresh interpreter in which `import modeling_dit_detection` fails, so only the folder's code can serve.
 REMOTE_CODE_SCRIPT = textwrap.dedent("""
@@ -140,39 +140,6 @@ def test_failed_push_keeps_the_output_and_logs_the_retry_command(small_job, capl
         assert push_folder_to_hub(folder, "someone/dit-detector", api=api) is None
     assert "retry with" in caplog.text and f"hf upload someone/dit-detector {folder}" in caplog.text
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before
-
-
-def test_predict_cli_writes_one_png_and_one_json_entry_per_image(small_job, tmp_path, capsys):
-    folder, _, _ = small_job
-    images = tmp_path / "images"
-    (images / "more").mkdir(parents=True)
-    _image(images / "a.png", (80, 60))
-    _image(images / "b.jpg", (50, 90))
-    _image(images / "more" / "a.png", (64, 64))  # same name in another folder
-    (images / "notes.txt").write_text("not an image")
-    output = tmp_path / "out"
-    predict_main(["--model", str(folder), str(images), "--output-dir", str(output), "--threshold", "0.0",
-                  "--batch-size", "2"])
-    assert "detections in 3 images" in capsys.readouterr().out
-    assert sorted(p.name for p in output.glob("*.png")) == ["a-1.png", "a.png", "b.png"]
-    coco = json.loads((output / "predictions.json").read_text())
-    assert len(coco["images"]) == 3 and {image["annotated"] for image in coco["images"]} == {"a.png", "a-1.png",
-                                                                                             "b.png"}
-    assert [c["name"] for c in coco["categories"]] == ["circle", "square", "triangle", "cross", "ring"]
-    sizes = {image["id"]: (image["width"], image["height"]) for image in coco["images"]}
-    assert coco["annotations"] and {a["image_id"] for a in coco["annotations"]} == set(sizes)
-    for annotation in coco["annotations"]:
-        x, y, w, h = annotation["bbox"]
-        width, height = sizes[annotation["image_id"]]
-        assert 0 <= x <= x + w <= width + 1e-3 and 0 <= y <= y + h <= height + 1e-3 and 0 <= annotation["score"] <= 1
-    for image in coco["images"]:
-        assert PIL.Image.open(output / image["annotated"]).size == (image["width"], image["height"])
-
-
-def test_predict_cli_rejects_a_missing_input(small_job, tmp_path):
-    folder, _, _ = small_job
-    with pytest.raises(FileNotFoundError, match="neither an image file nor a folder"):
-        predict_main(["--model", str(folder), str(tmp_path / "nope.png")])
 
 
 def test_card_metadata_names_only_hub_ids(tmp_path):
