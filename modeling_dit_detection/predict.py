@@ -339,9 +339,9 @@ def _check_settings(threshold, batch_size) -> None:
 
 
 @torch.no_grad()
-def predict(model_name_or_path: str, inputs: list[str], output_dir: str, threshold: float = 0.3,
-            batch_size: int = 8, device: str | torch.device | None = None, trust_remote_code: bool = False,
-            overwrite: bool = False) -> dict:
+def predict(model_name_or_path: str, inputs: list[str] | str | os.PathLike, output_dir: str | os.PathLike,
+            threshold: float = 0.3, batch_size: int = 8, device: str | torch.device | None = None,
+            trust_remote_code: bool = False, overwrite: bool = False) -> dict:
     """Detect objects in the images of `inputs`, write the annotated PNGs and `predictions.json` to `output_dir`;
     returns the COCO-format dict that was written (`info["skipped"]` lists the files that could not be read).
 
@@ -352,6 +352,8 @@ def predict(model_name_or_path: str, inputs: list[str], output_dir: str, thresho
     """
     _check_settings(threshold, batch_size)
     _check_model_reference(model_name_or_path)
+    if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of one-letter paths
+        inputs = [inputs]
     config = _load(AutoConfig.from_pretrained, model_name_or_path, "config", trust_remote_code=trust_remote_code)
     processor = _load(AutoImageProcessor.from_pretrained, model_name_or_path, "image processor",
                       trust_remote_code=trust_remote_code)

@@ -18,7 +18,7 @@ from helpers import tiny_config
 import modeling_dit_detection.hub as hub
 from modeling_dit_detection import DiTDetectionImageProcessor, DiTForObjectDetection
 from modeling_dit_detection.hub import push_folder_to_hub
-from modeling_dit_detection.predict import PredictError, cli
+from modeling_dit_detection.predict import PredictError, cli, predict
 from modeling_dit_detection.predict import main as predict_main
 
 CLASSES = ["circle", "square", "triangle", "cross", "ring"]
@@ -101,6 +101,12 @@ def test_inputs_whose_names_differ_only_in_case_or_suffix_get_distinct_outputs(f
     names = [image["annotated"] for image in coco["images"]]  # inputs in sorted order: A.bmp, a.jpg, a.png
     assert names == ["A.png", "a-1.png", "a-2.png"]
     assert len(list((tmp_path / "out").glob("*.png"))) == 3
+
+
+def test_predict_takes_one_path_as_well_as_a_list(folder, tmp_path):
+    photos = _photos(tmp_path, "x.png")
+    coco = predict(str(folder), photos / "x.png", tmp_path / "out")
+    assert [image["annotated"] for image in coco["images"]] == ["x.png"]
 
 
 def test_predict_cli_rejects_a_missing_input(folder, tmp_path):
