@@ -261,15 +261,16 @@ def test_two_process_ddp_run_matches_single_process_evaluation(tmp_path):
     distributed = json.loads((output_dir / "all_results.json").read_text())
 
     _, data_args, _, training_args = run_detection.parse_arguments([*argv, "--output_dir", str(tmp_path / "single")])
-    dataset, id2label, _ = run_detection.load_data(data_args, training_args.seed)
+    data = run_detection.prepare_data(data_args, training_args)
+    test = data.splits["test"]
     model = AutoModelForObjectDetection.from_pretrained(output_dir).eval()
     processor = run_detection.DiTDetectionImageProcessor.from_pretrained(output_dir)
-    evaluator = run_detection.DetectionEvaluator(processor, id2label)
-    batch = run_detection.collate_fn(list(dataset["test"].with_transform(run_detection.DetectionTransform(processor))))
+    evaluator = run_detection.DetectionEvaluator(processor, data.id2label)
+    batch = run_detection.collate_fn(list(test.with_transform(run_detection.DetectionTransform(processor))))
     with torch.no_grad():
         outputs = model(batch["pixel_values"])
     single = evaluator(transformers.EvalPrediction(predictions=evaluator.preprocess(outputs),
                                                    label_ids=batch["labels"]), compute_result=True)
-    assert len(dataset["test"]) == 5
+    assert len(test) == 5
     for key in ("map", "map_50", "map_75", "mar_100"):
         assert distributed[f"test_{key}"] == pytest.approx(single[key], abs=1e-6), key
