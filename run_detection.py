@@ -32,6 +32,7 @@ from modeling_dit_detection.training.data import (
     DataReport,
     DetectionTransform,
     clean_split,
+    coco_ground_truth,
     collate_fn,
     load_detection_dataset,
     make_train_augmentation,
@@ -323,13 +324,16 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     built_in_data = not (data_args.dataset_name or data_args.coco_annotations)
     model, processor, base_model = load_model(model_args, id2label, token=training_args.hub_token,
                                               built_in_data=built_in_data)
+    model.config.category_ids = data.category_ids  # the source's id of each label: COCO output in its ids (predict)
 
     # The model's input size is the processor's: the training augmentation resizes to it, the eval transform too.
     augmentation = make_train_augmentation(processor_size(processor), data_args.augmentation)
     train_set = train.with_transform(DetectionTransform(processor, augmentation))
     eval_splits = {"eval": validation} | ({"test": test} if test is not None else {})  # by their metrics' prefix
     eval_sets = {prefix: split.with_transform(DetectionTransform(processor)) for prefix, split in eval_splits.items()}
-    evaluator = DetectionEvaluator(processor, id2label)
+    # Each eval split is scored against its own records as COCO ground truth (crowd regions, areas, original ids).
+    evaluator = DetectionEvaluator(processor, id2label, category_ids=data.category_ids, ground_truths={
+        prefix: coco_ground_truth(split, id2label, data.category_ids) for prefix, split in eval_splits.items()})
 
     backbone_lr = stage_args.backbone_learning_rate or training_args.learning_rate / 10
 

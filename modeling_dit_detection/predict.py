@@ -4,7 +4,9 @@
 
 Writes `<output-dir>/<image name>.png` per image (boxes, class names and scores drawn) and
 `<output-dir>/predictions.json`: COCO format, one `images` entry per input image and one `annotations` entry per
-detection (`bbox` x, y, w, h in the image's pixels, plus `score`), so pycocotools' `loadRes` reads it.
+detection (`bbox` x, y, w, h in the image's pixels, plus `score`), so pycocotools' `loadRes` reads it. Category ids
+are the training data's own (`config.category_ids`, e.g. COCO's 1..90 with gaps) where the model has them, else
+the label ids.
 Runs on CUDA, then MPS, then CPU, whichever is there first.
 """
 
@@ -88,11 +90,13 @@ def predict(model_name_or_path: str, inputs: list[str], output_dir: str, thresho
     model = AutoModelForObjectDetection.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     model.to(device).eval()
     id2label = {int(k): v for k, v in model.config.id2label.items()}
+    # The training data's id of each label (run_detection.py stores it); without it, labels are the ids.
+    category_ids = getattr(model.config, "category_ids", None) or sorted(id2label)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
 
     coco = {"images": [], "annotations": [],
-            "categories": [{"id": i, "name": name} for i, name in sorted(id2label.items())]}
+            "categories": [{"id": category_ids[i], "name": name} for i, name in sorted(id2label.items())]}
     names = dict(zip(paths, _output_names(paths)))
     with tqdm(total=len(paths), desc="Detecting", unit="image") as progress:
         for batch in _batches(paths, batch_size):
@@ -104,7 +108,7 @@ def predict(model_name_or_path: str, inputs: list[str], output_dir: str, thresho
                 for score, label, (x0, y0, x1, y1) in zip(result["scores"].tolist(), result["labels"].tolist(),
                                                           result["boxes"].tolist()):
                     coco["annotations"].append({
-                        "id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": label,
+                        "id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": category_ids[label],
                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "score": score,
                         "iscrowd": 0})
                 draw_detections(image, result, id2label).save(output / names[path])

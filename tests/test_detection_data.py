@@ -18,6 +18,7 @@ from modeling_dit_detection.training.data import (
     DataReport,
     DetectionTransform,
     clean_split,
+    coco_ground_truth,
     collate_fn,
     load_detection_dataset,
     make_train_augmentation,
@@ -409,6 +410,47 @@ def test_validation_fraction_out_of_range_is_refused():
 # ---------------------------------------------------------------------------------------------------------------
 # What COCO evaluation reads, and the one data path
 # ---------------------------------------------------------------------------------------------------------------
+
+def _write_coco(tmp_path) -> dict:
+    """A COCO instances json (and its PNGs) with what evaluation reads: image ids 1000, 5, 17 (not contiguous, not in
+    order), category ids 1, 7, 90, polygon areas unlike the box areas, a crowd region, an image without annotations,
+    annotations of different images interleaved. Values are exact in float32, the records' type."""
+    images = [{"id": 1000, "file_name": "a.png", "width": 40, "height": 30},
+              {"id": 5, "file_name": "b.png", "width": 32, "height": 48},
+              {"id": 17, "file_name": "c.png", "width": 36, "height": 36}]
+    annotations = [
+        {"id": 3, "image_id": 1000, "category_id": 90, "bbox": [2.5, 3.0, 10.0, 8.0], "area": 41.25, "iscrowd": 0},
+        {"id": 9, "image_id": 5, "category_id": 1, "bbox": [0.0, 0.0, 32.0, 48.0], "area": 900.5, "iscrowd": 0},
+        {"id": 4, "image_id": 1000, "category_id": 7, "bbox": [20.0, 10.0, 15.0, 12.0], "area": 120.0, "iscrowd": 1},
+        {"id": 5, "image_id": 1000, "category_id": 1, "bbox": [1.0, 12.0, 6.0, 6.0], "area": 30.0, "iscrowd": 0},
+    ]
+    for image in images:
+        (tmp_path / image["file_name"]).write_bytes(_png((image["width"], image["height"])))
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": 90, "name": "fish"}, {"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    return coco
+
+
+def test_coco_records_give_back_the_jsons_ground_truth(tmp_path):
+    coco = _write_coco(tmp_path)
+    splits, id2label, category_ids = load_detection_dataset(
+        coco_annotations={"train": str(tmp_path / "instances.json")}, validation_split_percentage=0)
+    report = DataReport()
+    checked = clean_split(splits["train"], len(id2label), "train", report)
+    assert report.counts == {("train", "no_objects"): 1}  # image 17; the crowd region and areas untouched
+    assert category_ids == [1, 7, 90] and id2label == {0: "cat", 1: "dog", 2: "fish"}
+    assert checked["image_id"] == [1000, 5, 17]
+
+    truth = coco_ground_truth(checked, id2label, category_ids)
+    assert truth["images"] == [{key: image[key] for key in ("id", "width", "height")} for image in coco["images"]]
+    assert truth["categories"] == [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 90, "name": "fish"}]
+    fields = ("image_id", "category_id", "bbox", "area", "iscrowd")
+    expected = [tuple(a[key] for key in fields) for image in coco["images"] for a in coco["annotations"]
+                if a["image_id"] == image["id"]]  # COCO lists an image's annotations in json order
+    assert [tuple(a[key] for key in fields) for a in truth["annotations"]] == expected
+    assert [a["id"] for a in truth["annotations"]] == [1, 2, 3, 4]  # COCOeval reads id 0 as "unmatched"
+
 
 def test_the_check_keeps_crowd_regions_and_gives_repeated_image_ids_new_ones():
     rows = [(7, [[1, 1, 5, 5], [2, 2, 30, 30]], [0, 1], [False, True]),  # a crowd region overhanging: clipped

@@ -1,7 +1,8 @@
 """Data side of detection training, one step after the other, each a function with data in and data out:
 
     load (any source -> canonical records) -> check once (`clean_split`) -> transform (augment, resize once,
-    records -> model labels; `DetectionTransform`) -> collate.
+    records -> model labels; `DetectionTransform`) -> collate; and for evaluation, the records of an eval split as
+    COCO ground truth (`coco_ground_truth`).
 
 The canonical schema is cppe-5's plus what COCO evaluation needs. One record:
 
@@ -481,7 +482,8 @@ class DetectionTransform:
     """
     Batch transform for `dataset.with_transform`: checked canonical records -> model inputs, in one pass.
 
-    Per record: the image through `load_rgb`; crowd regions left out (never training targets); boxes as XYXY `BoundingBoxes` in pixels, with their labels alongside, through `augmentation`
+    Per record: the image through `load_rgb`; crowd regions left out (never training targets; evaluation reads them
+    from the records); boxes as XYXY `BoundingBoxes` in pixels, with their labels alongside, through `augmentation`
     (training; it ends with the resize to the processor's size, `make_train_augmentation(processor_size(...))`) or
     through `processor_resize` (evaluation: the resize inference does); then model labels from the resized boxes.
     The image is resized once, here; `image_processor` only makes `pixel_values` (rescale, normalise), and nothing
@@ -547,6 +549,35 @@ def collate_fn(examples: list[dict]) -> dict:
             "labels": [example["labels"] for example in examples]}
 
 
-__all__ = ["AUGMENTATIONS", "CANONICAL_FEATURES", "DataReport", "DetectionTransform", "clean_split", "collate_fn",
-           "load_detection_dataset", "make_train_augmentation", "prepare_detection_dataset", "processor_resize",
-           "processor_size"]
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Evaluation ground truth
+# ----------------------------------------------------------------------------------------------------------------
+
+def coco_ground_truth(dataset: Dataset, id2label: dict[int, str], category_ids: list[int]) -> dict:
+    """
+    A checked canonical split as COCO ground truth: the instances dict (`images`, `annotations`, `categories`) that
+    pycocotools' `COCO` reads, as the split's own COCO json would give it (DETR evaluates against `base_ds.coco`).
+
+    images: {"id": the record's image_id, "width", "height" (pixels)}; annotations, in record order: {"id": 1, 2, ...
+    (COCOeval reads id 0 as "unmatched"), "image_id", "category_id": `category_ids[label]`, "bbox" (x, y, w, h
+    pixels), "area" (the record's: the annotation's, e.g. its mask's; decides the size bucket), "iscrowd" (crowd
+    regions: detections on them are ignored, neither true nor false positives)}; categories: one per label,
+    {"id": `category_ids[label]`, "name": `id2label[label]`}. Images are not decoded.
+    """
+    records = dataset.select_columns(["image_id", "width", "height", "objects"])
+    images, annotations = [], []
+    for image_id, width, height, objects in zip(records["image_id"], records["width"], records["height"],
+                                                records["objects"]):
+        images.append({"id": int(image_id), "width": int(width), "height": int(height)})
+        crowd = objects.get("iscrowd") or [0] * len(objects["bbox"])
+        for box, area, label, is_crowd in zip(objects["bbox"], objects["area"], objects["category"], crowd):
+            annotations.append({"id": len(annotations) + 1, "image_id": int(image_id),
+                                "category_id": int(category_ids[label]), "bbox": [float(v) for v in box],
+                                "area": float(area), "iscrowd": int(is_crowd)})
+    categories = [{"id": int(category_ids[label]), "name": str(id2label[label])} for label in sorted(id2label)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+__all__ = ["AUGMENTATIONS", "CANONICAL_FEATURES", "DataReport", "DetectionTransform", "clean_split",
+           "coco_ground_truth", "collate_fn", "load_detection_dataset", "make_train_augmentation",
+           "prepare_detection_dataset", "processor_resize", "processor_size"]

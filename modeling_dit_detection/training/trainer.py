@@ -21,6 +21,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..modeling_dit_detection import DiTBackbone, DiTDetectionVAEEncoder
+from .coco_metric import DetectionEvaluator
 
 logger = logging.getLogger(__name__)
 _BLOCK = re.compile(r"(?:^|\.)backbone\.layers\.(\d+)\.")
@@ -84,13 +85,23 @@ def parameter_groups(model: nn.Module, learning_rate: float, backbone_learning_r
 
 
 class DetectionTrainer(Trainer):
-    """`Trainer` whose optimiser gives the backbone its own, layer-wise decayed learning rate, and whose every
-    evaluation gathers per-image labels as objects."""
+    """`Trainer` whose optimiser gives the backbone its own, layer-wise decayed learning rate, whose every
+    evaluation gathers per-image labels as objects, and whose `DetectionEvaluator` scores each evaluation against the
+    ground truth of the split it evaluates (chosen by `metric_key_prefix`)."""
 
     def __init__(self, *args, backbone_learning_rate: float | None = None, layer_decay: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.backbone_learning_rate = backbone_learning_rate
         self.layer_decay = layer_decay
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # `compute_metrics` is not told which split it scores; a DetectionEvaluator with per-split ground truth is,
+        # by the prefix its metrics are reported under ("eval", "test"). A dict of eval sets comes back here once per
+        # set, with the prefix "eval_<name>".
+        if isinstance(self.compute_metrics, DetectionEvaluator) and not isinstance(
+                self.eval_dataset if eval_dataset is None else eval_dataset, dict):
+            self.compute_metrics.select(metric_key_prefix)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def evaluation_loop(self, *args, **kwargs):
         # transformers ends every evaluation loop with `self.gather_function = accelerator.gather_for_metrics`,
