@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from datasets import DatasetDict
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_dit_detection import DiTDetectionImageProcessor
@@ -30,10 +31,12 @@ from modeling_dit_detection.training.data import (
     DataReport,
     DetectionTransform,
     clean_split,
+    coco_ground_truth,
     collate_fn,
     load_detection_dataset,
     make_train_augmentation,
     prepare_detection_dataset,
+    processor_size,
 )
 from modeling_dit_detection.hub import push_folder_to_hub
 from modeling_dit_detection.training.model_card import TrainingSummary, render_model_card
@@ -178,26 +181,58 @@ def _read_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+@dataclass
+class PreparedData:
+    """The data step's result: checked canonical splits (train, validation, maybe test), class names, the source's
+    id of each label (`category_ids[i]` is label i's: COCO's category ids, else i), what the check fixed, a name."""
+
+    splits: DatasetDict
+    id2label: dict[int, str]
+    category_ids: list[int]
+    report: DataReport
+    name: str
+
+
+def prepare_data(data_args: DataArguments, training_args: TrainingArguments) -> PreparedData:
+    """Load the data, then check once the records that will be used (limits applied first). Each step runs on the
+    main process first, so downloads, caches and the check's cache files are made once per machine."""
+    with training_args.main_process_first(desc="loading the data"):
+        dataset, id2label, category_ids, name = load_data(data_args, training_args.seed)
+    if "validation" not in dataset:
+        raise ValueError("The data has no validation split: give one, or hold out part of train with "
+                         "--validation_split_percentage (e.g. 0.15).")
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
+              "test": data_args.max_eval_samples}
+    report = DataReport()
+    with training_args.main_process_first(desc="validating the data"):
+        for split in list(dataset):  # only the records that will be used are checked
+            dataset[split] = clean_split(select(dataset[split], limits[split]), len(id2label), split, report,
+                                         skip_bad_images=data_args.skip_bad_images,
+                                         num_proc=data_args.preprocessing_num_workers)
+    logger.info("Data check:\n%s", report.summary())
+    return PreparedData(dataset, id2label, category_ids, report, name)
+
+
 def load_data(data_args: DataArguments, seed: int):
-    """(DatasetDict with train / validation / maybe test, id2label, dataset name for the card)."""
+    """(DatasetDict with train / validation / maybe test, id2label, category_ids, dataset name for the card)."""
     if data_args.dataset_name or data_args.coco_annotations:
         coco = _split_paths(data_args.coco_annotations, "--coco_annotations") if data_args.coco_annotations else None
         image_dir = data_args.image_dir
         if image_dir and "=" in image_dir:
             image_dir = _split_paths(image_dir, "--image_dir")
-        dataset, id2label = load_detection_dataset(
+        dataset, id2label, category_ids = load_detection_dataset(
             dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
             coco_annotations=coco, image_dir=image_dir, bbox_format=data_args.bbox_format,
             validation_split_percentage=data_args.validation_split_percentage, seed=seed)
         name = data_args.dataset_name or Path(next(iter(coco.values()))).stem
-        return dataset, id2label, name
+        return dataset, id2label, category_ids, name
     logger.info("No dataset given: using the built-in synthetic shapes (%d train, %d validation, %d test images).",
                 data_args.synthetic_train_size, data_args.synthetic_eval_size, data_args.synthetic_eval_size)
     generated = make_synthetic_detection_dataset(num_train=data_args.synthetic_train_size,
                                                  num_validation=data_args.synthetic_eval_size,
                                                  num_test=data_args.synthetic_eval_size, image_size=64, seed=seed)
-    dataset, id2label = prepare_detection_dataset(generated)
-    return dataset, id2label, "synthetic-shapes"
+    dataset, id2label, category_ids = prepare_detection_dataset(generated)
+    return dataset, id2label, category_ids, "synthetic-shapes"
 
 
 def _split_paths(value: str, option: str) -> dict[str, str]:
@@ -275,25 +310,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     set_seed(training_args.seed)
     started = time.time()
 
-    with training_args.main_process_first(desc="loading the data"):  # downloads and caches once per machine
-        dataset, id2label, dataset_name = load_data(data_args, training_args.seed)
-    if "validation" not in dataset:
-        raise ValueError("The data has no validation split: give one, or hold out part of train with "
-                         "--validation_split_percentage (e.g. 0.15).")
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
-              "test": data_args.max_eval_samples}
-    report = DataReport()
-    with training_args.main_process_first(desc="validating the data"):
-        for split in list(dataset):  # only the records that will be used are checked
-            dataset[split] = clean_split(select(dataset[split], limits[split]), len(id2label), split, report,
-                                         skip_bad_images=data_args.skip_bad_images,
-                                         num_proc=data_args.preprocessing_num_workers)
-    logger.info("Data check:\n%s", report.summary())
-    train, validation, test = dataset["train"], dataset["validation"], dataset.get("test")
+    data = prepare_data(data_args, training_args)
+    id2label, splits = data.id2label, data.splits
+    train, validation, test = splits["train"], splits["validation"], splits.get("test")
 
     if model_args.model_name_or_path is None and (data_args.dataset_name or data_args.coco_annotations):
         logger.warning("No --model_name_or_path: training a new, randomly initialised DiT on your data. Give a "
                        "pretrained one (e.g. facebook/DiT-XL-2-256) for a useful detector.")
+    overrides["category_ids"] = data.category_ids  # the source's id of each label: COCO output in its ids
     detector = load_detector(model_args.model_name_or_path, id2label, preset=model_args.model_preset or "small",
                              overrides=overrides, vae=model_args.vae_name_or_path,
                              fold_conditioning=model_args.fold_conditioning, token=training_args.hub_token,
@@ -304,15 +328,17 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     plan = stage_plan(stage_args, training_args, detector.pretrained_backbone)
     logger.info("Training %s on %s input images, %s.", "a pretrained DiT" if detector.pretrained_backbone else
                 "a new DiT", "x".join(map(str, model.config.image_size)), plan.describe())
-    augmentation = make_train_augmentation(tuple(model.config.image_size), data_args.augmentation)
+    # The model's input size is the processor's: the training augmentation resizes to it, the eval transform too.
+    augmentation = make_train_augmentation(processor_size(processor), data_args.augmentation)
     train_set = train.with_transform(DetectionTransform(processor, augmentation))
-    eval_sets = {"validation": validation.with_transform(DetectionTransform(processor))}
-    if test is not None:
-        eval_sets["test"] = test.with_transform(DetectionTransform(processor))
-    evaluator = DetectionEvaluator(processor, id2label)
+    eval_splits = {"eval": validation} | ({"test": test} if test is not None else {})  # by their metrics' prefix
+    eval_sets = {prefix: split.with_transform(DetectionTransform(processor)) for prefix, split in eval_splits.items()}
+    # Each eval split is scored against its own records as COCO ground truth (crowd regions, areas, original ids).
+    evaluator = DetectionEvaluator(processor, id2label, category_ids=data.category_ids, ground_truths={
+        prefix: coco_ground_truth(split, id2label, data.category_ids) for prefix, split in eval_splits.items()})
 
     def make_trainer(args):
-        return DetectionTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets["validation"],
+        return DetectionTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets["eval"],
                                 data_collator=collate_fn, processing_class=processor,
                                 compute_metrics=evaluator, preprocess_logits_for_metrics=evaluator.preprocess,
                                 backbone_learning_rate=plan.backbone_learning_rate, layer_decay=plan.layer_decay,
@@ -321,8 +347,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     trainer, metrics = train_in_stages(model, training_args, plan, make_trainer)
     if trainer is None:  # resumed after both stages had finished
         trainer = make_trainer(training_args)
-    for split, eval_set in eval_sets.items():
-        prefix = "eval" if split == "validation" else split
+    for prefix, eval_set in eval_sets.items():
         metrics.update(trainer.evaluate(eval_dataset=eval_set, metric_key_prefix=prefix))
     metrics["train_minutes"] = round((time.time() - started) / 60, 2)
 
@@ -333,10 +358,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
         write_preview(model, processor, validation, id2label, output_dir / "predictions_preview.png",
                       data_args.preview_images, data_args.preview_threshold)
         summary = TrainingSummary(
-            model_name=output_dir.name, dataset_name=dataset_name, metrics=metrics,
+            model_name=output_dir.name, dataset_name=data.name, metrics=metrics,
             repo_id=training_args.hub_model_id or output_dir.name, base_model=base_model,
             num_train_images=len(train), num_eval_images=len(validation),
-            stage_plan=plan, data_report=report.summary().replace("\n", "; "),
+            stage_plan=plan, data_report=data.report.summary().replace("\n", "; "),
             hyperparameters={key: getattr(training_args, key) for key in (
                 "learning_rate", "per_device_train_batch_size", "num_train_epochs", "weight_decay",
                 "lr_scheduler_type", "warmup_steps", "max_grad_norm", "seed")},

@@ -4,7 +4,7 @@
 
 "per-batch" is what run_detection.py does: `batch_eval_metrics=True` with `DetectionEvaluator.preprocess` as
 `preprocess_logits_for_metrics`, so each batch is reduced to its top-100 detections per image and handed to the
-metric right away. "keep-all" is the Trainer's default pattern behind transformers#34675: the raw logits and boxes of the
+evaluator right away, which scores them against the eval split's COCO ground truth at the end. "keep-all" is the Trainer's default pattern behind transformers#34675: the raw logits and boxes of the
 whole eval set are kept (per batch) and scored in one `compute_metrics` call at the end. The model is a tiny DiT detector with 300
 queries and 80 classes (COCO's shape of the outputs), so output size, not model size, dominates.
 
@@ -22,6 +22,12 @@ import sys
 import tempfile
 
 QUERIES, CLASSES, IMAGE = 300, 80, 64
+BOXES = [[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]]  # every image's two objects: cx, cy, w, h normalised
+
+
+def _classes_of(index: int) -> list[int]:
+    """The categories of image `index`'s two objects."""
+    return [index % CLASSES, (index + 1) % CLASSES]
 
 
 def _child(size: int, mode: str) -> dict:
@@ -44,15 +50,21 @@ def _child(size: int, mode: str) -> dict:
         def __getitem__(self, index):
             generator = torch.Generator().manual_seed(index)
             return {"pixel_values": torch.rand(3, IMAGE, IMAGE, generator=generator) * 2 - 1,
-                    "labels": {"class_labels": torch.tensor([index % CLASSES, (index + 1) % CLASSES]),
-                               "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]]),
-                               "orig_size": torch.tensor([IMAGE, IMAGE])}}
+                    "labels": {"class_labels": torch.tensor(_classes_of(index)), "boxes": torch.tensor(BOXES),
+                               "image_id": torch.tensor([index]), "orig_size": torch.tensor([IMAGE, IMAGE])}}
 
     def collate(examples):
         return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
                 "labels": [e["labels"] for e in examples]}
 
-    evaluator = DetectionEvaluator(processor, id2label)
+    # The eval set's COCO ground truth, as run_detection.py builds it from the records (`data.coco_ground_truth`).
+    xywh = [[(cx - w / 2) * IMAGE, (cy - h / 2) * IMAGE, w * IMAGE, h * IMAGE] for cx, cy, w, h in BOXES]
+    ground_truth = {"images": [{"id": i, "width": IMAGE, "height": IMAGE} for i in range(size)],
+                    "annotations": [{"id": 2 * i + k + 1, "image_id": i, "category_id": c, "bbox": box,
+                                     "area": box[2] * box[3], "iscrowd": 0}
+                                    for i in range(size) for k, (c, box) in enumerate(zip(_classes_of(i), xywh))],
+                    "categories": [{"id": i, "name": name} for i, name in id2label.items()]}
+    evaluator = DetectionEvaluator(processor, id2label, ground_truths={"eval": ground_truth})
     per_batch = mode == "per-batch"
 
     def keep_all_metrics(eval_pred):

@@ -228,3 +228,121 @@ def test_class_names_cannot_overwrite_summary_metrics():
         references=[{"boxes": box, "labels": [50], "image_size": [64, 64]}])
     assert metrics["map_50"] == pytest.approx(1.0) and metrics["ap_50"] == pytest.approx(1.0)
     assert metrics["ap_small"] == -1.0 and metrics["map_small"] == pytest.approx(1.0)  # a 20 x 20 box is small
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DetectionEvaluator against a split's own COCO ground truth (what run_detection.py does)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Image 5 (400 x 400): an object of category 1 whose box is 50 x 50 (2500 px^2, "medium") but whose annotation area
+# (its mask) is 100 px^2 ("small"), and a crowd region of category 1. Image 17 (200 x 300): a category 90 object,
+# area 2000 ("medium"). Labels 0, 1, 2 are categories 1, 7, 90.
+GROUND_TRUTH = {
+    "images": [{"id": 5, "width": 400, "height": 400}, {"id": 17, "width": 300, "height": 200}],
+    "annotations": [
+        {"id": 1, "image_id": 5, "category_id": 1, "bbox": [10, 10, 50, 50], "area": 100.0, "iscrowd": 0},
+        {"id": 2, "image_id": 5, "category_id": 1, "bbox": [100, 100, 200, 200], "area": 30000.0, "iscrowd": 1},
+        {"id": 3, "image_id": 17, "category_id": 90, "bbox": [30, 20, 60, 40], "area": 2000.0, "iscrowd": 0}],
+    "categories": [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 90, "name": "fish"}],
+}
+CATEGORY_IDS = [1, 7, 90]
+
+
+def _image(image_id, size, boxes, scores, labels):
+    """(detections as `DetectionEvaluator.preprocess` gives them: x0, y0, x1, y1 normalised; the image's labels)."""
+    height, width = size
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    detection = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) / scale,
+                 "scores": torch.tensor(scores), "labels": torch.tensor(labels)}
+    return detection, {"image_id": torch.tensor([image_id]), "orig_size": torch.tensor(size),
+                       "class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
+
+
+# A perfect detection of the small object, a confident one inside the crowd region (a low IoU with it: a false
+# positive if the region were an object), a perfect one of the fish.
+IMAGES = [_image(5, (400, 400), [[10, 10, 60, 60], [150, 150, 190, 190]], [0.5, 0.9], [0, 0]),
+          _image(17, (200, 300), [[30, 20, 90, 60]], [0.8], [2])]
+
+
+def _evaluate(evaluator, images, batches=((0, 1), (1, 2))):
+    for start, stop in batches:
+        detections, labels = zip(*images[start:stop])
+        metrics = evaluator(EvalPrediction(predictions=list(detections), label_ids=list(labels)),
+                            compute_result=stop == len(images))
+    return metrics
+
+
+def _pycocotools(ground_truth, images) -> dict:
+    """COCOeval straight on the ground truth and the detections as COCO results in the ground truth's ids."""
+    results = []
+    for detection, labels in images:
+        height, width = labels["orig_size"].tolist()
+        boxes = detection["boxes"] * torch.tensor([width, height, width, height], dtype=torch.float32)
+        for (x0, y0, x1, y1), score, label in zip(boxes.tolist(), detection["scores"].tolist(),
+                                                   detection["labels"].tolist()):
+            results.append({"image_id": int(labels["image_id"]), "category_id": CATEGORY_IDS[label], "score": score,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0]})
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = ground_truth
+        coco.createIndex()
+        evaluation = COCOeval(coco, coco.loadRes(results), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return dict(zip(SUMMARY_KEYS, evaluation.stats))
+
+
+def test_evaluator_ignores_crowd_regions_and_buckets_by_annotation_area():
+    evaluator = DetectionEvaluator(DiTDetectionImageProcessor(), {0: "cat", 1: "dog", 2: "fish"},
+                                   ground_truths={"eval": GROUND_TRUTH}, category_ids=CATEGORY_IDS)
+    metrics = _evaluate(evaluator, IMAGES)
+    # The detection on the crowd region is neither true nor false positive: everything is found, nothing is wrong.
+    assert metrics["map"] == pytest.approx(1.0) and metrics["ap_cat"] == pytest.approx(1.0)
+    # Size buckets follow the annotation area: the 50 x 50 box of area 100 is small, the fish (2000) medium.
+    assert metrics["map_small"] == pytest.approx(1.0) and metrics["map_medium"] == pytest.approx(1.0)
+    assert metrics["map_large"] == -1.0 and metrics["ap_dog"] == -1.0
+    for key, value in _pycocotools(GROUND_TRUTH, IMAGES).items():
+        assert metrics[key] == pytest.approx(value, abs=1e-12), key
+
+    # The same detections scored the old way, references rebuilt from labels without the crowd region and with box
+    # areas, differ: the crowd detection is a false positive and the object counts as medium.
+    no_crowd = {**GROUND_TRUTH, "annotations": [dict(a, area=a["bbox"][2] * a["bbox"][3])
+                                                for a in GROUND_TRUTH["annotations"] if not a["iscrowd"]]}
+    old_way = _pycocotools(no_crowd, IMAGES)
+    assert old_way["map"] < 0.9 and old_way["map_small"] == -1.0
+
+
+def test_evaluator_scores_the_selected_split_and_counts_each_image_once():
+    test_truth = {**GROUND_TRUTH, "annotations": [dict(a, category_id=7) for a in GROUND_TRUTH["annotations"]]}
+    evaluator = DetectionEvaluator(DiTDetectionImageProcessor(), {0: "cat", 1: "dog", 2: "fish"},
+                                   ground_truths={"eval": GROUND_TRUTH, "test": test_truth}, category_ids=CATEGORY_IDS)
+    validation = _evaluate(evaluator, IMAGES)
+    evaluator.select("test")
+    assert _evaluate(evaluator, IMAGES)["map"] == pytest.approx(0.0)  # the test split's objects are all dogs
+    evaluator.select("eval")
+    # A repeat of an image (a distributed sampler pads a process's share with one) is counted once.
+    assert _evaluate(evaluator, [*IMAGES, IMAGES[0]], batches=((0, 2), (2, 3))) == validation
+
+    with pytest.raises(ValueError, match=r"No ground truth for the evaluation 'eval_extra'; there is one for"):
+        evaluator.select("eval_extra")
+    only_test = DetectionEvaluator(DiTDetectionImageProcessor(), {0: "cat", 1: "dog", 2: "fish"},
+                                   ground_truths={"test": test_truth}, category_ids=CATEGORY_IDS)
+    with pytest.raises(ValueError, match=r"Which split is this\? Call select\(\) with one of \['test'\] first"):
+        _evaluate(only_test, IMAGES)
+    with pytest.raises(ValueError, match=r"image_id 6 is not in the 'eval' ground truth"):
+        _evaluate(evaluator, [_image(6, (400, 400), [[1, 1, 2, 2]], [0.5], [0])], batches=((0, 1),))
+    evaluator.select("eval")
+    with pytest.raises(ValueError, match=r"image_id 5: the labels' orig_size \(400, 300\) is not the ground truth"):
+        _evaluate(evaluator, [_image(5, (400, 300), [[1, 1, 2, 2]], [0.5], [0])], batches=((0, 1),))
+
+
+def test_evaluator_on_no_images_and_no_detections():
+    evaluator = DetectionEvaluator(DiTDetectionImageProcessor(), {0: "cat", 1: "dog", 2: "fish"},
+                                   ground_truths={"eval": GROUND_TRUTH}, category_ids=CATEGORY_IDS)
+    nothing = evaluator(EvalPrediction(predictions=[], label_ids=[]), compute_result=True)
+    assert set(nothing) == set(SUMMARY_KEYS) | {"ap_cat", "ap_dog", "ap_fish"}
+    assert all(value == -1.0 for value in nothing.values())
+    empty = [_image(5, (400, 400), [], [], []), _image(17, (200, 300), [], [], [])]
+    metrics = _evaluate(evaluator, empty)
+    assert metrics["map"] == 0.0 and metrics["mar_100"] == 0.0 and metrics["map_large"] == -1.0

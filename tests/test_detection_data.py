@@ -1,5 +1,6 @@
 """Data side of run_detection.py: every source and box format gives the same labels; bad records are fixed,
-counted, or stopped with an error naming the record; transforms keep boxes valid."""
+counted, or stopped with an error naming the record; transforms keep boxes valid, resize once and re-check nothing;
+the records keep what COCO evaluation reads (crowd regions, areas, the source's image and category ids)."""
 
 import io
 import json
@@ -17,6 +18,7 @@ from modeling_dit_detection.training.data import (
     DataReport,
     DetectionTransform,
     clean_split,
+    coco_ground_truth,
     collate_fn,
     load_detection_dataset,
     make_train_augmentation,
@@ -61,11 +63,16 @@ def _cppe5(records=RECORDS, boxes_of=lambda box, size: box, categories_as_string
 
 
 def _labels(splits) -> list[tuple]:
-    """(image_id, width, height, boxes, categories) per row of the train split, boxes rounded to 1e-4 px."""
+    """(image_id, width, height, boxes, categories) per row of the train split, boxes rounded to 1e-4 px; crowd
+    regions left out."""
     split = splits["train"].remove_columns("image")
-    return [(row["image_id"], row["width"], row["height"],
-             [[round(v, 4) for v in box] for box in row["objects"]["bbox"]], row["objects"]["category"])
-            for row in split]
+    rows = []
+    for row in split:
+        objects = [(box, category) for box, category, crowd in zip(row["objects"]["bbox"], row["objects"]["category"],
+                                                                   row["objects"]["iscrowd"]) if not crowd]
+        rows.append((row["image_id"], row["width"], row["height"],
+                     [[round(v, 4) for v in box] for box, _ in objects], [category for _, category in objects]))
+    return rows
 
 
 def _expected() -> list[tuple]:
@@ -89,8 +96,8 @@ def _to_yolo(box, size):
 
 def test_save_to_disk_folder_gives_canonical_labels(tmp_path):
     datasets.DatasetDict({"train": _cppe5(), "val": _cppe5()}).save_to_disk(str(tmp_path / "data"))
-    splits, id2label = load_detection_dataset(str(tmp_path / "data"))
-    assert id2label == dict(enumerate(NAMES))
+    splits, id2label, category_ids = load_detection_dataset(str(tmp_path / "data"))
+    assert id2label == dict(enumerate(NAMES)) and category_ids == [0, 1, 2]  # no ids of its own: the labels
     assert set(splits) == {"train", "validation"}  # "val" renamed
     assert _labels(splits) == _expected()
     assert splits["train"].features["objects"]["bbox"] == datasets.List(datasets.List(datasets.Value("float32"), 4))
@@ -98,14 +105,15 @@ def test_save_to_disk_folder_gives_canonical_labels(tmp_path):
 
 @pytest.mark.parametrize("bbox_format, convert", [("pascal_voc", _to_pascal_voc), ("yolo", _to_yolo)])
 def test_bbox_formats_give_the_same_labels(bbox_format, convert):
-    splits, id2label = prepare_detection_dataset(_cppe5(boxes_of=convert), bbox_format=bbox_format,
+    splits, id2label, _ = prepare_detection_dataset(_cppe5(boxes_of=convert), bbox_format=bbox_format,
                                                  validation_split_percentage=0)
     assert id2label == dict(enumerate(NAMES)) and _labels(splits) == _expected()
 
 
 def test_string_categories_give_sorted_names():
-    splits, id2label = prepare_detection_dataset(_cppe5(categories_as_strings=True), validation_split_percentage=0)
-    assert id2label == dict(enumerate(sorted(NAMES)))  # here NAMES is already sorted
+    splits, id2label, category_ids = prepare_detection_dataset(_cppe5(categories_as_strings=True),
+                                                               validation_split_percentage=0)
+    assert id2label == dict(enumerate(sorted(NAMES))) and category_ids == [0, 1, 2]  # here NAMES is already sorted
     assert _labels(splits) == _expected()
 
 
@@ -117,7 +125,7 @@ def test_imagefolder_with_metadata_gives_the_same_labels(tmp_path):
             (folder / f"{image_id}.png").write_bytes(_png(size))
             metadata.write(json.dumps({"file_name": f"{image_id}.png", "image_id": image_id,
                                        "objects": {"bbox": boxes, "category": [NAMES[c] for c in cats]}}) + "\n")
-    splits, id2label = load_detection_dataset(str(tmp_path / "images"), validation_split_percentage=0)
+    splits, id2label, _ = load_detection_dataset(str(tmp_path / "images"), validation_split_percentage=0)
     assert id2label == dict(enumerate(NAMES))
     assert sorted(_labels(splits)) == _expected()  # sizes read from the image headers
 
@@ -132,13 +140,17 @@ def test_coco_json_gives_the_same_labels(tmp_path):
         for box, category in zip(boxes, cats):
             annotations.append({"id": len(annotations), "image_id": image_id, "bbox": box,
                                 "category_id": coco_ids[category], "area": box[2] * box[3], "iscrowd": 0})
-    annotations.append({"id": 99, "image_id": 0, "bbox": [0, 0, 5, 5], "category_id": 7, "iscrowd": 1})  # dropped
+    annotations.append({"id": 99, "image_id": 0, "bbox": [0, 0, 5, 5], "category_id": 12, "area": 12.5,
+                        "iscrowd": 1})  # kept, flagged: evaluation ignores detections on it
     coco = {"images": images, "annotations": annotations,
             "categories": [{"id": i, "name": name} for i, name in zip(coco_ids, NAMES)]}
     (tmp_path / "train.json").write_text(json.dumps(coco))
-    splits, id2label = load_detection_dataset(coco_annotations={"train": str(tmp_path / "train.json")},
-                                              validation_split_percentage=0)
-    assert id2label == dict(enumerate(NAMES)) and _labels(splits) == _expected()
+    splits, id2label, category_ids = load_detection_dataset(coco_annotations={"train": str(tmp_path / "train.json")},
+                                                            validation_split_percentage=0)
+    assert id2label == dict(enumerate(NAMES)) and category_ids == coco_ids and _labels(splits) == _expected()
+    crowd = splits["train"][0]["objects"]
+    assert crowd["iscrowd"] == [0, 0, 1] and crowd["category"][2] == 2
+    assert crowd["bbox"][2] == [0, 0, 5, 5] and crowd["area"][2] == 12.5
 
     coco["annotations"][0]["category_id"] = 8
     (tmp_path / "bad.json").write_text(json.dumps(coco))
@@ -147,7 +159,7 @@ def test_coco_json_gives_the_same_labels(tmp_path):
 
 
 def test_validation_is_carved_from_train_when_missing():
-    splits, _ = prepare_detection_dataset(datasets.concatenate_datasets([_cppe5()] * 10),
+    splits, _, _ = prepare_detection_dataset(datasets.concatenate_datasets([_cppe5()] * 10),
                                           validation_split_percentage=0.2, seed=0)
     assert (len(splits["train"]), len(splits["validation"])) == (24, 6)
 
@@ -175,7 +187,7 @@ def _clean(rows: list[dict], skip_bad_images=False):
             "objects": {"id": datasets.List(datasets.Value("int64")), "area": datasets.List(datasets.Value("float32")),
                         "bbox": datasets.List(datasets.List(datasets.Value("float32"))),
                         "category": datasets.List(datasets.ClassLabel(names=NAMES))}}))
-    splits, _ = prepare_detection_dataset(dataset, validation_split_percentage=0)
+    splits, _, _ = prepare_detection_dataset(dataset, validation_split_percentage=0)
     report = DataReport()
     return clean_split(splits["train"], len(NAMES), "train", report, skip_bad_images=skip_bad_images), report
 
@@ -205,7 +217,7 @@ def test_boxes_partly_outside_are_clipped_degenerate_and_nan_dropped():
 
 def test_category_out_of_range_names_the_record():
     with pytest.raises(ValueError, match=r"row 1, image_id 101, object 0: category 3 outside 0..2"):
-        split, _ = prepare_detection_dataset(datasets.Dataset.from_dict({
+        split, _, _ = prepare_detection_dataset(datasets.Dataset.from_dict({
             "image_id": [100, 101], "image": [{"bytes": _png((8, 8)), "path": None}] * 2,
             "objects": [{"bbox": [[1, 1, 2, 2]], "category": [0]}, {"bbox": [[1, 1, 2, 2]], "category": [3]}]},
             features=datasets.Features({"image_id": datasets.Value("int64"), "image": datasets.Image(),
@@ -295,7 +307,7 @@ def test_exif_rotated_jpeg_is_transposed_before_its_boxes_are_used():
 
 def test_transform_without_augmentation_gives_normalised_labels():
     processor = DiTDetectionImageProcessor(size={"height": 16, "width": 16}, size_divisor=4)
-    splits, _ = prepare_detection_dataset(_cppe5(), validation_split_percentage=0)
+    splits, _, _ = prepare_detection_dataset(_cppe5(), validation_split_percentage=0)
     batch = collate_fn([splits["train"].with_transform(DetectionTransform(processor))[i] for i in range(2)])
     assert batch["pixel_values"].shape == (2, 3, 16, 16)
     first = batch["labels"][0]
@@ -330,7 +342,7 @@ def test_augmentation_keeps_boxes_valid_and_aligned_with_labels():
 
 def test_nan_free_collation_of_a_mixed_batch():
     processor = DiTDetectionImageProcessor(size={"height": 16, "width": 16}, size_divisor=4)
-    splits, _ = prepare_detection_dataset(_cppe5(), validation_split_percentage=0)
+    splits, _, _ = prepare_detection_dataset(_cppe5(), validation_split_percentage=0)
     dataset = splits["train"].with_transform(DetectionTransform(processor, make_train_augmentation((16, 16))))
     batch = collate_fn([dataset[i] for i in range(3)])
     assert [len(label["boxes"]) for label in batch["labels"]][2] == 0
@@ -368,7 +380,7 @@ def test_yolo_boxes_use_the_displayed_size_not_a_stale_stored_one():
                                     "height": datasets.Value("int32"),
                                     "objects": {"bbox": datasets.List(datasets.List(datasets.Value("float32"))),
                                                 "category": datasets.List(datasets.ClassLabel(names=NAMES))}}))
-    splits, _ = prepare_detection_dataset(dataset, bbox_format="yolo", validation_split_percentage=0)
+    splits, _, _ = prepare_detection_dataset(dataset, bbox_format="yolo", validation_split_percentage=0)
     row = splits["train"][0]
     assert (row["width"], row["height"]) == (40, 80) and row["objects"]["bbox"] == [[10.0, 20.0, 20.0, 40.0]]
 
@@ -383,13 +395,129 @@ def test_list_of_object_dicts_with_ids_empty_images_and_string_image_ids():
          "objects": [{"id": 7, "bbox": [1, 2, 3, 4], "category": "dog"}]},
         {"image_id": "b.png", "image": {"bytes": _png((20, 20)), "path": None}, "objects": []},
     ], features=features)
-    splits, id2label = prepare_detection_dataset(dataset, validation_split_percentage=0)
+    splits, id2label, _ = prepare_detection_dataset(dataset, validation_split_percentage=0)
     rows = list(splits["train"].remove_columns("image"))
     assert id2label == {0: "dog"} and [row["image_id"] for row in rows] == [0, 1]  # file names -> row index
     assert rows[0]["objects"]["id"] == [7] and rows[0]["objects"]["bbox"] == [[1, 2, 3, 4]]
-    assert rows[1]["objects"] == {"id": [], "area": [], "bbox": [], "category": []}
+    assert rows[1]["objects"] == {"id": [], "area": [], "bbox": [], "category": [], "iscrowd": []}
 
 
 def test_validation_fraction_out_of_range_is_refused():
     with pytest.raises(ValueError, match=r"fraction in \[0, 1\), got 15"):
         prepare_detection_dataset(_cppe5(), validation_split_percentage=15)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What COCO evaluation reads, and the one data path
+# ---------------------------------------------------------------------------------------------------------------
+
+def _write_coco(tmp_path) -> dict:
+    """A COCO instances json (and its PNGs) with what evaluation reads: image ids 1000, 5, 17 (not contiguous, not in
+    order), category ids 1, 7, 90, polygon areas unlike the box areas, a crowd region, an image without annotations,
+    annotations of different images interleaved. Values are exact in float32, the records' type."""
+    images = [{"id": 1000, "file_name": "a.png", "width": 40, "height": 30},
+              {"id": 5, "file_name": "b.png", "width": 32, "height": 48},
+              {"id": 17, "file_name": "c.png", "width": 36, "height": 36}]
+    annotations = [
+        {"id": 3, "image_id": 1000, "category_id": 90, "bbox": [2.5, 3.0, 10.0, 8.0], "area": 41.25, "iscrowd": 0},
+        {"id": 9, "image_id": 5, "category_id": 1, "bbox": [0.0, 0.0, 32.0, 48.0], "area": 900.5, "iscrowd": 0},
+        {"id": 4, "image_id": 1000, "category_id": 7, "bbox": [20.0, 10.0, 15.0, 12.0], "area": 120.0, "iscrowd": 1},
+        {"id": 5, "image_id": 1000, "category_id": 1, "bbox": [1.0, 12.0, 6.0, 6.0], "area": 30.0, "iscrowd": 0},
+    ]
+    for image in images:
+        (tmp_path / image["file_name"]).write_bytes(_png((image["width"], image["height"])))
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": 90, "name": "fish"}, {"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    return coco
+
+
+def test_coco_records_give_back_the_jsons_ground_truth(tmp_path):
+    coco = _write_coco(tmp_path)
+    splits, id2label, category_ids = load_detection_dataset(
+        coco_annotations={"train": str(tmp_path / "instances.json")}, validation_split_percentage=0)
+    report = DataReport()
+    checked = clean_split(splits["train"], len(id2label), "train", report)
+    assert report.counts == {("train", "no_objects"): 1}  # image 17; the crowd region and areas untouched
+    assert category_ids == [1, 7, 90] and id2label == {0: "cat", 1: "dog", 2: "fish"}
+    assert checked["image_id"] == [1000, 5, 17]
+
+    truth = coco_ground_truth(checked, id2label, category_ids)
+    assert truth["images"] == [{key: image[key] for key in ("id", "width", "height")} for image in coco["images"]]
+    assert truth["categories"] == [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 90, "name": "fish"}]
+    fields = ("image_id", "category_id", "bbox", "area", "iscrowd")
+    expected = [tuple(a[key] for key in fields) for image in coco["images"] for a in coco["annotations"]
+                if a["image_id"] == image["id"]]  # COCO lists an image's annotations in json order
+    assert [tuple(a[key] for key in fields) for a in truth["annotations"]] == expected
+    assert [a["id"] for a in truth["annotations"]] == [1, 2, 3, 4]  # COCOeval reads id 0 as "unmatched"
+
+
+def test_the_check_keeps_crowd_regions_and_gives_repeated_image_ids_new_ones():
+    rows = [(7, [[1, 1, 5, 5], [2, 2, 30, 30]], [0, 1], [False, True]),  # a crowd region overhanging: clipped
+            (7, [[1, 1, 5, 5]], [2], [True]),  # crowd only: nothing to train on, still evaluated
+            (3, [[1, 1, 5, 5]], [0], [False])]
+    dataset = datasets.Dataset.from_list(
+        [{"image_id": image_id, "image": {"bytes": _png((20, 20)), "path": None},
+          "objects": {"bbox": boxes, "category": cats, "iscrowd": crowd}} for image_id, boxes, cats, crowd in rows],
+        features=datasets.Features({"image_id": datasets.Value("int64"), "image": datasets.Image(),
+                                    "objects": {"bbox": datasets.List(datasets.List(datasets.Value("float32"))),
+                                                "category": datasets.List(datasets.ClassLabel(names=NAMES)),
+                                                "iscrowd": datasets.List(datasets.Value("bool"))}}))
+    splits, _, _ = prepare_detection_dataset(dataset, validation_split_percentage=0)
+    report = DataReport()
+    split = clean_split(splits["train"], len(NAMES), "train", report)
+    assert split["image_id"] == [7, 8, 3]  # the second 7 gets the split's largest id + 1
+    assert [row["iscrowd"] for row in split["objects"]] == [[0, 1], [1], [0]]
+    assert split[0]["objects"]["bbox"] == [[1, 1, 5, 5], [2, 2, 18, 18]]
+    assert report.counts == {("train", "image_id_duplicate"): 1, ("train", "no_objects"): 1,
+                             ("train", "box_clipped"): 1}
+
+
+def test_crowd_regions_never_become_training_targets():
+    processor = DiTDetectionImageProcessor(size={"height": 32, "width": 32}, size_divisor=4)
+    image = PIL.Image.new("RGB", (40, 40), (128, 128, 128))
+    record = {"image": [image], "image_id": [3], "objects": [
+        {"bbox": [[2.0, 2.0, 8.0, 8.0], [10.0, 10.0, 20.0, 20.0], [0.0, 20.0, 12.0, 16.0]], "category": [0, 1, 2],
+         "iscrowd": [0, 1, 0]}]}
+    for augmentation in (None, make_train_augmentation((32, 32), "light")):
+        labels = DetectionTransform(processor, augmentation)(record)["labels"][0]
+        assert labels["class_labels"].tolist() == [0, 2]
+        torch.testing.assert_close(labels["boxes"][:, 2:], torch.tensor([[0.2, 0.2], [0.3, 0.4]]))
+        assert labels["image_id"].tolist() == [3] and labels["orig_size"].tolist() == [40, 40]
+
+
+def test_eval_inputs_are_what_inference_sees_and_nothing_rechecks_the_records(monkeypatch):
+    """Eval images are resized once, by the processor's own resize: pixel_values equal `processor(image)`'s exactly.
+    The processor's annotation checks are not on the path (the records were checked once)."""
+    processor = DiTDetectionImageProcessor(size={"height": 32, "width": 48}, size_divisor=4)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the records were checked once; the processor must not check them again")
+
+    monkeypatch.setattr(DiTDetectionImageProcessor, "prepare_annotation", refuse)
+    noise = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    images = [PIL.Image.fromarray(noise), PIL.Image.fromarray(noise[:, :33]).convert("L"),
+              PIL.Image.new("RGB", (48, 32))]
+    batch = {"image": images, "image_id": [0, 1, 2],
+             "objects": [{"bbox": [[7.0, 9.0, 21.0, 30.0]], "category": [1], "iscrowd": [0]},
+                         {"bbox": [], "category": [], "iscrowd": []},
+                         {"bbox": [[0.0, 0.0, 48.0, 32.0]], "category": [0], "iscrowd": [0]}]}
+    for augmentation in (None, make_train_augmentation((32, 48))):
+        out = DetectionTransform(processor, augmentation)(batch)
+        assert [tuple(p.shape) for p in out["pixel_values"]] == [(3, 32, 48)] * 3
+    out = DetectionTransform(processor)(batch)
+    for pixels, image in zip(out["pixel_values"], images):
+        torch.testing.assert_close(pixels, processor(load_rgb(image), return_tensors="pt")["pixel_values"][0],
+                                   rtol=0, atol=0)
+    # [7, 9, 21, 30] in a 70 x 45 image: cx, cy, w, h normalised; a whole-image box stays exactly inside [0, 1].
+    torch.testing.assert_close(out["labels"][0]["boxes"], torch.tensor([[17.5 / 70, 24 / 45, 21 / 70, 30 / 45]]))
+    torch.testing.assert_close(out["labels"][2]["boxes"], torch.tensor([[0.5, 0.5, 1.0, 1.0]]), rtol=0, atol=0)
+    assert out["labels"][1]["boxes"].shape == (0, 4) and out["labels"][0]["size"].tolist() == [32, 48]
+
+
+def test_an_augmentation_of_another_size_than_the_processors_is_an_error():
+    processor = DiTDetectionImageProcessor(size={"height": 32, "width": 32}, size_divisor=4)
+    transform = DetectionTransform(processor, make_train_augmentation((16, 16), "light"))
+    with pytest.raises(ValueError, match=r"image_id 4: the augmentation made a \(16, 16\) image, the processor's size"):
+        transform({"image": [PIL.Image.new("RGB", (20, 20))], "image_id": [4],
+                   "objects": [{"bbox": [], "category": []}]})

@@ -1,5 +1,7 @@
-"""run_detection.py end to end: outputs, two stages, resuming, arguments, bad data, and the default job (slow)."""
+"""run_detection.py end to end: outputs, two stages, resuming, arguments, bad data, COCO-exact evaluation on COCO
+jsons, and the default job (slow)."""
 
+import contextlib
 import io
 import json
 import re
@@ -8,12 +10,20 @@ import subprocess
 import sys
 
 import datasets
+import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import pytest
 import torch
 import transformers
 from helpers import ROOT, SMALL_JOB, StageRecorder, load_run_detection, worker_env
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from transformers import AutoModelForObjectDetection, pipeline
+
+from modeling_dit_detection import DiTDetectionConfig, DiTDetectionImageProcessor, DiTForObjectDetection
+from modeling_dit_detection.predict import predict
+from modeling_dit_detection.training.coco_metric import SUMMARY_KEYS
 
 run_detection = load_run_detection()
 
@@ -304,6 +314,129 @@ def test_bad_records_are_skipped_counted_and_reported(tmp_path):
     assert "box_clipped" in card and "box_non_finite" in card and "box_empty" in card and "no_objects" in card
 
 
+CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 90, "name": "fish"}]  # ids with gaps
+
+
+def _coco_images(folder, image_ids, seed) -> list[dict]:
+    """PNGs of several sizes (a background and a few filled triangles) in `folder`; their COCO `images` entries."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for image_id in image_ids:
+        width, height = [(640, 512), (512, 640), (768, 448)][len(images) % 3]
+        image = PIL.Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 256, 3)))
+        for _ in range(4):
+            x, y = rng.uniform(0, 0.8, 2) * (width, height)
+            w, h = rng.uniform(0.1, 0.3, 2) * (width, height)
+            PIL.ImageDraw.Draw(image).polygon([(x, y + h), (x + w / 2, y), (x + w, y + h)],
+                                              fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        image.save(folder / f"{image_id:05d}.png")
+        images.append({"id": image_id, "file_name": f"{image_id:05d}.png", "width": width, "height": height})
+    return images
+
+
+def _ground_truth_around(detections: list[dict], width: int, height: int) -> list[dict]:
+    """One image's annotations laid out around a model's detections (COCO results, category ids), so that a model
+    making them scores neither 0 nor 1. A crowd region encloses the most confident detection and has its category:
+    that detection is ignored (it would be the category's first false positive otherwise). The next four boxes
+    become objects, the first of the crowd's category, the others of their most confident one, enlarged about their
+    centre by 1.0, 1.15, 1.3, 1.45 per side (IoU 1, 0.76, 0.59, 0.48 with the detection; the larger boxes are
+    "medium" where their triangle's `area`, half the box, is "small"). Only boxes whose region lies inside the image
+    are used: the json is clean, the data check changes nothing."""
+    best = {}  # box -> its most confident detection (one box comes with every label)
+    for detection in sorted(detections, key=lambda d: -d["score"]):
+        best.setdefault(tuple(detection["bbox"]), detection)
+
+    def enlarged(box, scale):
+        x, y, w, h = box
+        box = [x + w / 2 - scale * w / 2, y + h / 2 - scale * h / 2, scale * w, scale * h]
+        return box if box[0] >= 0 and box[1] >= 0 and box[0] + box[2] <= width and box[1] + box[3] <= height else None
+
+    boxes = [box for box in best if enlarged(box, 2.0)]
+    crowd, category = enlarged(boxes[0], 2.0), best[boxes[0]]["category_id"]
+    annotations = [{"category_id": category, "bbox": crowd, "area": crowd[2] * crowd[3], "iscrowd": 1}]
+    for k, (box, scale) in enumerate(zip(boxes[1:5], (1.0, 1.15, 1.3, 1.45))):
+        x, y, w, h = enlarged(box, scale)
+        annotations.append({"category_id": category if k == 0 else best[box]["category_id"], "bbox": [x, y, w, h],
+                            "area": w * h / 2, "iscrowd": 0})
+    return annotations
+
+
+def _cocoeval(annotation_file, results) -> list[float]:
+    """pycocotools run directly: the ground truth from the json file, the 12 summary stats."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(annotation_file))
+        evaluation = COCOeval(coco, coco.loadRes(results), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return evaluation.stats.tolist()
+
+
+def _predicted_results(model_dir, folder, images, output_dir) -> list[dict]:
+    """The predict CLI's detections (COCO format, category ids from the model's config) of `images`, as COCO results
+    with the images' own ids."""
+    paths = [folder / image["file_name"] for image in images]
+    written = predict(str(model_dir), [str(path) for path in paths], str(output_dir), threshold=0.0, batch_size=8,
+                      device="cpu")
+    original_id = {str(path.resolve()): image["id"] for path, image in zip(paths, images)}
+    image_id = {image["id"]: original_id[image["file_name"]] for image in written["images"]}
+    return [{"image_id": image_id[d["image_id"]], "category_id": d["category_id"], "bbox": d["bbox"],
+             "score": d["score"]} for d in written["annotations"]]
+
+
+def test_coco_json_job_reports_what_pycocotools_gives_on_the_json(tmp_path):
+    """Train on COCO jsons (crowd regions, polygon areas, category ids 1, 7, 90 with gaps, image ids 5, 17, 1000),
+    then score the saved model's detections, written by the predict CLI in COCO results format with the dataset's
+    category ids, with pycocotools' COCOeval on the original jsons: each eval split's numbers are what
+    run_detection.py reported for it. The run starts from a saved tiny model and barely moves it (learning rate
+    1e-9), so that the eval splits' objects could be laid out around its detections: the scores are not trivial
+    (not 0, not 1) whatever the initialisation."""
+    start = tmp_path / "start"
+    config = DiTDetectionConfig.from_preset("tiny", id2label={0: "cat", 1: "dog", 2: "fish"}, category_ids=[1, 7, 90])
+    DiTForObjectDetection(config).save_pretrained(start)
+    DiTDetectionImageProcessor(size=dict(zip(("height", "width"), config.image_size)),
+                               size_divisor=config.backbone_stride).save_pretrained(start)
+
+    files = {}
+    for number, (split, image_ids) in enumerate({"train": [3, 11, 300, 301], "validation": [2, 40, 77],
+                                                 "test": [5, 17, 1000]}.items()):
+        images = _coco_images(tmp_path, image_ids, seed=number)
+        detections = _predicted_results(start, tmp_path, images, tmp_path / f"start-{split}")
+        annotations = [{"image_id": image["id"], **annotation} for image in images
+                       for annotation in _ground_truth_around([d for d in detections if d["image_id"] == image["id"]],
+                                                              image["width"], image["height"])]
+        annotations = [{"id": 100 + k, **annotation} for k, annotation in enumerate(annotations)]  # unique ids
+        files[split] = tmp_path / f"{split}.json"
+        files[split].write_text(json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
+
+    output_dir = tmp_path / "out"
+    metrics = _run(["--coco_annotations", ",".join(f"{split}={path}" for split, path in files.items()),
+                    "--model_name_or_path", str(start), "--output_dir", str(output_dir), "--num_train_epochs", "1",
+                    "--freeze_backbone_epochs", "0", "--per_device_train_batch_size", "4",
+                    "--per_device_eval_batch_size", "8", "--learning_rate", "1e-9", "--eval_strategy", "no",
+                    "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+                    "--dataloader_num_workers", "0", "--preview_images", "0"])
+    assert json.loads((output_dir / "config.json").read_text())["category_ids"] == [1, 7, 90]
+
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        coco = json.loads(files[split].read_text())
+        results = _predicted_results(output_dir, tmp_path, coco["images"], tmp_path / f"predicted-{split}")
+        assert {d["category_id"] for d in results} == {1, 7, 90}
+        expected = _cocoeval(files[split], results)
+        for key, value in zip(SUMMARY_KEYS, expected):
+            assert metrics[f"{prefix}_{key}"] == pytest.approx(value, abs=1e-6), (prefix, key)
+        assert 0.1 < expected[0] < 0.9 and expected[1] > expected[2] > 0  # map; map_50 > map_75 > 0
+
+        # What the evaluation must get right changes the numbers here: crowd regions as "ignore" (dropping them
+        # turns the detection they enclose into a false positive) and the annotation area (the box area moves
+        # objects from the small bucket to the medium one).
+        crowd_dropped = [a for a in coco["annotations"] if not a["iscrowd"]]
+        box_areas = [dict(a, area=a["bbox"][2] * a["bbox"][3]) for a in coco["annotations"]]
+        for annotations in (crowd_dropped, box_areas):
+            (tmp_path / "altered.json").write_text(json.dumps({**coco, "annotations": annotations}))
+            assert _cocoeval(tmp_path / "altered.json", results) != pytest.approx(expected, abs=1e-6)
+
+
 @pytest.mark.slow
 def test_default_job_as_the_readme_runs_it(tmp_path):
     """The README's main command: the built-in data and model, default options. Takes minutes."""
@@ -342,15 +475,19 @@ def test_two_process_ddp_run_matches_single_process_evaluation(tmp_path):
     distributed = json.loads((output_dir / "all_results.json").read_text())
 
     _, data_args, _, training_args = run_detection.parse_arguments([*argv, "--output_dir", str(tmp_path / "single")])
-    dataset, id2label, _ = run_detection.load_data(data_args, training_args.seed)
+    data = run_detection.prepare_data(data_args, training_args)
+    test = data.splits["test"]
     model = AutoModelForObjectDetection.from_pretrained(output_dir).eval()
     processor = run_detection.DiTDetectionImageProcessor.from_pretrained(output_dir)
-    evaluator = run_detection.DetectionEvaluator(processor, id2label)
-    batch = run_detection.collate_fn(list(dataset["test"].with_transform(run_detection.DetectionTransform(processor))))
+    truth = run_detection.coco_ground_truth(test, data.id2label, data.category_ids)
+    evaluator = run_detection.DetectionEvaluator(processor, data.id2label, category_ids=data.category_ids,
+                                                 ground_truths={"test": truth})
+    evaluator.select("test")
+    batch = run_detection.collate_fn(list(test.with_transform(run_detection.DetectionTransform(processor))))
     with torch.no_grad():
         outputs = model(batch["pixel_values"])
     single = evaluator(transformers.EvalPrediction(predictions=evaluator.preprocess(outputs),
                                                    label_ids=batch["labels"]), compute_result=True)
-    assert len(dataset["test"]) == 5
+    assert len(test) == 5
     for key in ("map", "map_50", "map_75", "mar_100"):
         assert distributed[f"test_{key}"] == pytest.approx(single[key], abs=1e-6), key

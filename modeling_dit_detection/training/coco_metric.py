@@ -1,5 +1,10 @@
 """COCO box mAP from the COCO reference code (pycocotools' `COCOeval`), as an `evaluate` metric and a Trainer hook.
 
+`coco_evaluate` is the one place COCOeval runs. `DetectionEvaluator` (the Trainer's `compute_metrics`) scores the
+model's detections against each eval split's own COCO ground truth (`data.coco_ground_truth`: crowd regions, annotation
+areas, the source's image and category ids), as DETR's `CocoEvaluator` does with `base_ds.coco`; `CocoDetectionMetric`
+scores per-image references given with the predictions, for callers outside the Trainer.
+
 Training-side module: never needed at inference and never shipped as remote code.
 """
 
@@ -110,56 +115,111 @@ class CocoDetectionMetric(evaluate.Metric):
                 seen.add(int(label))
         category_ids = sorted(set(self.id2label) | seen)
         categories = [{"id": c, "name": self.id2label.get(c, str(c))} for c in category_ids]
+        return coco_evaluate({"images": images, "annotations": annotations, "categories": categories}, detections)
 
-        # COCOeval prints its progress and summary table; keep the Trainer's log clean.
-        with contextlib.redirect_stdout(io.StringIO()):
-            ground_truth = COCO()
-            ground_truth.dataset = {"images": images, "annotations": annotations, "categories": categories}
-            ground_truth.createIndex()
-            if detections:
-                results = ground_truth.loadRes(detections)
-            else:
-                # loadRes indexes detections[0] and crashes on an empty list; an empty result set scores 0 AP
-                # wherever ground truth exists.
-                results = COCO()
-                results.dataset = {"images": images, "annotations": [], "categories": categories}
-                results.createIndex()
-            evaluation = COCOeval(ground_truth, results, iouType="bbox")
-            evaluation.evaluate()
-            evaluation.accumulate()
-            evaluation.summarize()
 
-        metrics = {key: float(value) for key, value in zip(SUMMARY_KEYS, evaluation.stats)}
-        # precision: [iou thresholds, recall thresholds, categories, area ranges, max dets]; -1 = no ground truth.
-        # Area "all" (index 0) and 100 detections (last) is what `map` averages over; same per class here.
-        precision = evaluation.eval["precision"]
-        for k, category in enumerate(evaluation.params.catIds):
-            values = precision[:, :, k, 0, -1]
-            values = values[values > -1]
-            name = self.id2label.get(category, str(category))
-            # -1.0 for a class without ground truth (COCO's convention), so the keys are the same every evaluation.
-            metrics[f"ap_{name}"] = float(values.mean()) if values.size else -1.0
-        return metrics
+def coco_ground_truth_index(ground_truth: Mapping) -> COCO:
+    """pycocotools' `COCO` of a COCO instances dict ({"images", "annotations", "categories"}), built quietly."""
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO prints its progress
+        coco = COCO()
+        coco.dataset = dict(ground_truth)
+        coco.createIndex()
+    return coco
+
+
+def coco_evaluate(ground_truth: COCO | Mapping, detections: list[dict], image_ids=None) -> dict[str, float]:
+    """
+    COCOeval ("bbox") of `detections` against `ground_truth`, summarised.
+
+    Args:
+        ground_truth: a COCO instances dict or its `COCO`; crowd annotations are "ignore" regions, `area` decides the
+            size bucket, every category counts (one without ground truth is -1, as COCO has nothing to average).
+        detections: COCO results: {"image_id", "category_id", "bbox" (x, y, w, h pixels), "score"}, at most 100 per
+            image (COCO's largest maxDets).
+        image_ids: the images evaluated (COCOeval's `params.imgIds`; DETR's: the images that were predicted);
+            default all of the ground truth's.
+
+    Returns:
+        floats: `SUMMARY_KEYS` (COCOeval's stats, in order) and `ap_<category name>` (AP at IoU 0.50:0.95, area all,
+        100 detections; -1.0 for a category without ground truth, so the keys are the same every evaluation).
+    """
+    coco = ground_truth if isinstance(ground_truth, COCO) else coco_ground_truth_index(ground_truth)
+    names = {c["id"]: str(c.get("name", c["id"])) for c in coco.dataset["categories"]}
+    image_ids = sorted(coco.getImgIds()) if image_ids is None else sorted(set(int(i) for i in image_ids))
+    if not image_ids:  # nothing evaluated: COCOeval would read an empty image list as "all images"
+        return {**{key: -1.0 for key in SUMMARY_KEYS}, **{f"ap_{name}": -1.0 for name in names.values()}}
+
+    # COCOeval prints its progress and summary table; keep the Trainer's log clean.
+    with contextlib.redirect_stdout(io.StringIO()):
+        if detections:
+            results = coco.loadRes([dict(d) for d in detections])  # loadRes adds keys to the dicts it is given
+        else:
+            # loadRes indexes detections[0] and crashes on an empty list; an empty result set scores 0 AP
+            # wherever ground truth exists.
+            results = coco_ground_truth_index({**coco.dataset, "annotations": []})
+        evaluation = COCOeval(coco, results, iouType="bbox")
+        evaluation.params.imgIds = image_ids
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+
+    metrics = {key: float(value) for key, value in zip(SUMMARY_KEYS, evaluation.stats)}
+    # precision: [iou thresholds, recall thresholds, categories, area ranges, max dets]; -1 = no ground truth.
+    # Area "all" (index 0) and 100 detections (last) is what `map` averages over; same per class here.
+    precision = evaluation.eval["precision"]
+    for k, category in enumerate(evaluation.params.catIds):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        metrics[f"ap_{names.get(category, str(category))}"] = float(values.mean()) if values.size else -1.0
+    return metrics
 
 
 class DetectionEvaluator:
     """`compute_metrics` for transformers' `Trainer` with `batch_eval_metrics=True`: COCO mAP over the eval set.
 
-    Each batch is post-processed right away and only the top-k detections per image are kept (in the metric's Arrow
-    cache), never whole logits.
+    Each batch is post-processed right away and only the top-k detections per image are kept, never whole logits
+    (transformers#34675). Works with several processes: the Trainer hands every process all processes' per-image
+    detections and labels (`eval_use_gather_object=True`), and each image is counted once.
+
+    With `ground_truths` (run_detection.py's way), detections are scored against the active eval split's own COCO
+    ground truth (`data.coco_ground_truth` of its records: crowd regions ignored, annotation areas for the size
+    buckets, the source's image and category ids), over the images that were predicted, as DETR's `CocoEvaluator`
+    does: the numbers are what pycocotools gives on the split's COCO json (where the data check fixed nothing: a
+    record it fixed is evaluated as fixed, e.g. a box clipped to its image). The Trainer does not tell
+    `compute_metrics` which split it scores: `select(metric_key_prefix)` does (`DetectionTrainer.evaluate` calls it).
+    Without them, references are rebuilt from the labels (boxes as the model is trained on them, no crowd regions,
+    box areas): an approximation for callers that have no records.
 
     Args:
         image_processor: a `DiTDetectionImageProcessor` (its `post_process_object_detection` is used).
         id2label (`dict[int, str]`): class names, for the per-class keys.
         threshold (`float`): keep detections with score > threshold (0.0: keep all top-k, as COCO expects).
         top_k (`int`): detections per image (COCO evaluates at most 100).
+        ground_truths (`dict[str, dict]`, *optional*): per metric-key prefix ("eval", "test", ...) a COCO instances
+            dict; "eval" is active until `select` picks another.
+        category_ids (`list[int]`, *optional*): the ground truth's category id of each label (label i is
+            `category_ids[i]`); default: labels are the ids.
     """
 
-    def __init__(self, image_processor, id2label: Mapping, threshold: float = 0.0, top_k: int = 100):
+    def __init__(self, image_processor, id2label: Mapping, threshold: float = 0.0, top_k: int = 100,
+                 ground_truths: Mapping[str, Mapping] | None = None, category_ids: list[int] | None = None):
         self.image_processor, self.threshold, self.top_k = image_processor, threshold, top_k
+        self.category_ids = None if category_ids is None else [int(c) for c in category_ids]
+        self.ground_truths = dict(ground_truths or {})
+        self.split = "eval" if "eval" in self.ground_truths else None
+        self._indexes: dict[str, COCO] = {}
+        self._results: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # image_id -> its detections
         # A unique experiment id keeps the cache files of concurrent processes / evaluators apart.
         self.metric = CocoDetectionMetric(id2label=id2label, experiment_id=uuid.uuid4().hex)
         self._num_images = 0
+
+    def select(self, metric_key_prefix: str) -> None:
+        """Score the next evaluation against the ground truth registered under `metric_key_prefix`."""
+        if self.ground_truths and metric_key_prefix not in self.ground_truths:
+            raise ValueError(f"No ground truth for the evaluation {metric_key_prefix!r}; there is one for "
+                             f"{sorted(self.ground_truths)}.")
+        self.split = metric_key_prefix if self.ground_truths else None
+        self._results = {}
 
     def preprocess(self, outputs, labels=None) -> list[dict[str, torch.Tensor]]:
         """`preprocess_logits_for_metrics`: model outputs of one batch -> per image the top-k detections
@@ -183,13 +243,62 @@ class DetectionEvaluator:
 
         `eval_pred.predictions`: what `preprocess` returns (a list of per-image detections), or raw outputs:
         (logits `[B, Q, C]`, pred_boxes `[B, Q, 4]` cx, cy, w, h normalised, ...extras) or a mapping with those
-        keys. `eval_pred.label_ids`: B dicts with "boxes" (`[n, 4]` cx, cy, w, h normalised), "class_labels"
-        (`[n]`), "orig_size" ((height, width) pixels); one dict of batched values is accepted too.
+        keys. `eval_pred.label_ids`: B dicts with "orig_size" ((height, width) pixels) and "image_id" (with ground
+        truths) or "boxes" (`[n, 4]` cx, cy, w, h normalised) and "class_labels" (`[n]`, without); one dict of
+        batched values is accepted too.
         """
         detections = eval_pred.predictions
         if not (isinstance(detections, list) and all(isinstance(d, Mapping) and "scores" in d for d in detections)):
             detections = self.preprocess(detections)
         targets = _split_targets(eval_pred.label_ids)
+        if self.split is None:
+            if self.ground_truths:
+                raise ValueError(f"Which split is this? Call select() with one of {sorted(self.ground_truths)} first "
+                                 "(DetectionTrainer.evaluate does, with its metric_key_prefix).")
+            return self._add_with_label_references(detections, targets, compute_result)
+        for detection, target in zip(detections, targets):
+            self._add_image(detection, target)
+        if not compute_result:
+            return {}
+        return self._compute()
+
+    def _index(self) -> COCO:
+        """pycocotools' index of the active split's ground truth, built once per split."""
+        if self.split not in self._indexes:
+            self._indexes[self.split] = coco_ground_truth_index(self.ground_truths[self.split])
+        return self._indexes[self.split]
+
+    def _add_image(self, detection: Mapping, target: Mapping) -> None:
+        """Keep one image's detections, boxes in its pixels (x0, y0, x1, y1, float32 as post-processing scales them)."""
+        image_id = int(_as_tensor(target["image_id"]).reshape(-1)[0])
+        if image_id in self._results:  # a repeat that a distributed sampler padded a process's share with
+            return
+        image = self._index().imgs.get(image_id)
+        if image is None:
+            raise ValueError(f"image_id {image_id} is not in the {self.split!r} ground truth: the evaluated data is "
+                             "not the data the ground truth was built from.")
+        height, width = _as_tensor(target["orig_size"]).reshape(2).tolist()
+        if (height, width) != (image["height"], image["width"]):
+            raise ValueError(f"image_id {image_id}: the labels' orig_size {(height, width)} is not the ground truth's "
+                             f"(height, width) {(image['height'], image['width'])}.")
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        boxes = _as_tensor(detection["boxes"]).float().reshape(-1, 4) * scale
+        self._results[image_id] = (boxes, _as_tensor(detection["scores"]).reshape(-1),
+                                   _as_tensor(detection["labels"]).reshape(-1))
+
+    def _compute(self) -> dict[str, float]:
+        """COCOeval of the kept detections, as COCO results in the ground truth's ids; then reset."""
+        results, self._results = self._results, {}
+        detections = []
+        for image_id, (boxes, scores, labels) in results.items():
+            for (x0, y0, x1, y1), score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+                category_id = self.category_ids[label] if self.category_ids is not None else int(label)
+                detections.append({"image_id": image_id, "category_id": category_id, "score": score,
+                                   "bbox": [x0, y0, x1 - x0, y1 - y0]})
+        return coco_evaluate(self._index(), detections, image_ids=list(results))
+
+    def _add_with_label_references(self, detections, targets, compute_result: bool) -> dict[str, float]:
+        """Without ground truth: references rebuilt from the labels (see the class docstring)."""
         sizes = torch.tensor([_as_tensor(t["orig_size"]).reshape(2).tolist() for t in targets], dtype=torch.float32)
         results = []
         for detection, (height, width) in zip(detections, sizes.tolist()):
@@ -230,4 +339,4 @@ def _split_targets(label_ids) -> list[Mapping]:
     return [{key: value[i] for key, value in label_ids.items()} for i in range(batch)]
 
 
-__all__ = ["CocoDetectionMetric", "DetectionEvaluator", "SUMMARY_KEYS"]
+__all__ = ["CocoDetectionMetric", "DetectionEvaluator", "SUMMARY_KEYS", "coco_evaluate", "coco_ground_truth_index"]

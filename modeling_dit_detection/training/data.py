@@ -1,12 +1,21 @@
-"""Data side of detection training: load any source into one schema, check it once, transform and collate batches.
+"""Data side of detection training, one step after the other, each a function with data in and data out:
 
-The canonical schema is cppe-5's. One record:
+    load (any source -> canonical records) -> check once (`clean_split`) -> transform (augment, resize once,
+    records -> model labels; `DetectionTransform`) -> collate; and for evaluation, the records of an eval split as
+    COCO ground truth (`coco_ground_truth`).
 
-    image_id  int64
+The canonical schema is cppe-5's plus what COCO evaluation needs. One record:
+
+    image_id  int64   the source's own id (COCO's `images[].id`), unique within a split after the check
     image     datasets.Image()
     width     int32   pixels of the displayed image (after EXIF orientation)
     height    int32
-    objects   {"id": [int64], "area": [float32], "bbox": [[x, y, w, h] float32, COCO pixels], "category": [int64 0..K-1]}
+    objects   {"id": [int64], "area": [float32, pixels^2; COCO's annotation area, e.g. of the mask],
+               "bbox": [[x, y, w, h] float32, COCO pixels], "category": [int64 0..K-1],
+               "iscrowd": [int8 0/1; crowd regions: ignored by COCO evaluation, never training targets]}
+
+Labels 0..K-1 come with `category_ids`: position i holds the source's own id of label i (COCO's category ids, with
+their gaps; 0..K-1 for sources without ids), so detections can be written in the source's ids.
 
 Training-side only: nothing here is needed at inference or travels to the Hub.
 """
@@ -27,8 +36,10 @@ import PIL.Image
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
 from torchvision import tv_tensors
+from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+from transformers.image_utils import pil_torch_interpolation_mapping
 
 from ..image_processing_dit_detection import load_rgb
 
@@ -39,6 +50,7 @@ OBJECT_FEATURES = {
     "area": List(Value("float32")),
     "bbox": List(List(Value("float32"), length=4)),
     "category": List(Value("int64")),
+    "iscrowd": List(Value("int8")),
 }
 CANONICAL_FEATURES = Features({"image_id": Value("int64"), "image": Image(), "width": Value("int32"),
                                "height": Value("int32"), "objects": OBJECT_FEATURES})
@@ -60,16 +72,17 @@ def load_detection_dataset(dataset_name: str | None = None, dataset_config_name:
                            image_dir: str | dict[str, str] | None = None,
                            bbox_format: str = "coco", validation_split_percentage: float = 0.15, seed: int = 42,
                            cache_dir: str | None = None, token: str | bool | None = None,
-                           ) -> tuple[DatasetDict, dict[int, str]]:
+                           ) -> tuple[DatasetDict, dict[int, str], list[int]]:
     """
     Load a detection dataset into the canonical schema (module docstring).
 
     Sources, told apart by their files: `dataset_name` a folder written by `save_to_disk`; a folder of images with
     `metadata.jsonl` (imagefolder, optionally in train/ validation/ test/ subfolders); otherwise a Hub id (or any
     path `load_dataset` reads). Or `coco_annotations` = {split: COCO instances json}, `file_name`s relative to
-    `image_dir` (one folder, or {split: folder} as in COCO's train2017/ val2017/; default: the json's folder); COCO category ids are mapped to 0..K-1 in ascending id order, and
-    crowd annotations (`iscrowd=1`) are dropped, as the image processor would drop them anyway, so the schema
-    stays cppe-5's (the cost: a COCO-style evaluation on this data sees no crowd "ignore" regions).
+    `image_dir` (one folder, or {split: folder} as in COCO's train2017/ val2017/; default: the json's folder).
+    COCO category ids are mapped to labels 0..K-1 in ascending id order (`category_ids` keeps the ids); crowd
+    annotations are kept with `iscrowd=1` (COCO evaluation ignores detections on them; training never sees them),
+    with the annotation `area` and the original image ids.
 
     Args:
         bbox_format: how the source's boxes are written: "coco" (x, y, w, h pixels), "pascal_voc" (x0, y0, x1, y1
@@ -78,14 +91,16 @@ def load_detection_dataset(dataset_name: str | None = None, dataset_config_name:
             split; 0 leaves it absent.
 
     Returns:
-        (splits among "train", "validation", "test"; id2label {0..K-1: name}).
+        (splits among "train", "validation", "test"; id2label {0..K-1: name}; category_ids, the source's id of
+        each label: COCO's category ids, else 0..K-1).
     """
     if bbox_format not in BBOX_FORMATS:
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}.")
     if (dataset_name is None) == (coco_annotations is None):
         raise ValueError("Give exactly one of dataset_name and coco_annotations.")
+    category_ids = None
     if coco_annotations is not None:
-        raw = _load_coco(coco_annotations, image_dir)
+        raw, category_ids = _load_coco(coco_annotations, image_dir)
     elif os.path.isfile(os.path.join(dataset_name, "dataset_dict.json")) or os.path.isfile(
             os.path.join(dataset_name, "state.json")):
         raw = datasets.load_from_disk(dataset_name)
@@ -95,23 +110,28 @@ def load_detection_dataset(dataset_name: str | None = None, dataset_config_name:
     else:
         raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, token=token)
 
-    return prepare_detection_dataset(raw, bbox_format, validation_split_percentage, seed)
+    return prepare_detection_dataset(raw, bbox_format, validation_split_percentage, seed, category_ids)
 
 
 def prepare_detection_dataset(raw: Dataset | DatasetDict, bbox_format: str = "coco",
                               validation_split_percentage: float = 0.15, seed: int = 42,
-                              ) -> tuple[DatasetDict, dict[int, str]]:
-    """An already loaded `Dataset` (taken as train) or `DatasetDict` -> (canonical splits, id2label), as
-    `load_detection_dataset` returns them; split names val / valid / dev become validation."""
+                              category_ids: list[int] | None = None,
+                              ) -> tuple[DatasetDict, dict[int, str], list[int]]:
+    """An already loaded `Dataset` (taken as train) or `DatasetDict` -> (canonical splits, id2label, category_ids),
+    as `load_detection_dataset` returns them; split names val / valid / dev become validation. `category_ids`: the
+    source's id of each label, if it has its own (default 0..K-1)."""
     if bbox_format not in BBOX_FORMATS:
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}.")
     if not 0 <= validation_split_percentage < 1:
         raise ValueError(f"validation_split_percentage is a fraction in [0, 1), got {validation_split_percentage}.")
     splits, id2label = _canonicalize(_rename_splits(raw), bbox_format)
+    category_ids = list(range(len(id2label))) if category_ids is None else [int(c) for c in category_ids]
+    if len(category_ids) != len(id2label) or len(set(category_ids)) != len(category_ids):
+        raise ValueError(f"category_ids {category_ids} must give one distinct id per label of {id2label}.")
     if "validation" not in splits and validation_split_percentage > 0:
         carved = splits["train"].train_test_split(test_size=validation_split_percentage, seed=seed)
         splits["train"], splits["validation"] = carved["train"], carved["test"]
-    return splits, id2label
+    return splits, id2label, category_ids
 
 
 def _rename_splits(raw: Dataset | DatasetDict) -> DatasetDict:
@@ -132,8 +152,10 @@ def _rename_splits(raw: Dataset | DatasetDict) -> DatasetDict:
     return splits
 
 
-def _load_coco(coco_annotations: dict[str, str], image_dir: str | dict[str, str] | None) -> DatasetDict:
-    """COCO instances jsons -> one `Dataset` per split, categories as a `ClassLabel` over contiguous ids."""
+def _load_coco(coco_annotations: dict[str, str], image_dir: str | dict[str, str] | None,
+               ) -> tuple[DatasetDict, list[int]]:
+    """COCO instances jsons -> (one `Dataset` per split, categories as a `ClassLabel` over labels 0..K-1; the COCO
+    category id of each label). Everything COCO evaluation reads is kept: image ids, crowd flags, annotation areas."""
     splits, categories = {}, None
     for split, path in coco_annotations.items():
         with open(path) as file:
@@ -149,21 +171,21 @@ def _load_coco(coco_annotations: dict[str, str], image_dir: str | dict[str, str]
             if ann["category_id"] not in index:
                 raise ValueError(f"{path}: annotation {ann.get('id')} has category_id {ann['category_id']}, "
                                  f"not among the categories {sorted(index)}.")
-            if not ann.get("iscrowd", 0):
-                by_image[ann["image_id"]].append(ann)
+            by_image[ann["image_id"]].append(ann)
         root = image_dir.get(split) if isinstance(image_dir, dict) else image_dir
         root = root if root is not None else os.path.dirname(os.path.abspath(path))
         rows = [{"image_id": image["id"], "image": os.path.join(root, image["file_name"]),
                  "width": image.get("width"), "height": image.get("height"),
-                 "objects": {"id": [a["id"] for a in anns], "area": [a.get("area", a["bbox"][2] * a["bbox"][3])
-                                                                     for a in anns],
-                             "bbox": [a["bbox"] for a in anns], "category": [index[a["category_id"]] for a in anns]}}
+                 "objects": {"id": [a["id"] for a in anns],
+                             "area": [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns],
+                             "bbox": [a["bbox"] for a in anns], "category": [index[a["category_id"]] for a in anns],
+                             "iscrowd": [int(bool(a.get("iscrowd", 0))) for a in anns]}}
                 for image in coco["images"] for anns in [by_image.get(image["id"], [])]]
         names = [name for _, name in categories]
         features = Features({**CANONICAL_FEATURES,
                              "objects": {**OBJECT_FEATURES, "category": List(ClassLabel(names=names))}})
         splits[split] = Dataset.from_list(rows, features=features)
-    return DatasetDict(splits)
+    return DatasetDict(splits), [category_id for category_id, _ in categories]
 
 
 def _canonicalize(splits: DatasetDict, bbox_format: str) -> tuple[DatasetDict, dict[int, str]]:
@@ -222,9 +244,11 @@ def _canonical_split(dataset: Dataset, split: str, bbox_format: str, key: str, l
         image_id = example.get("image_id", index)
         if not isinstance(image_id, int) or isinstance(image_id, bool):  # e.g. file names: the row index serves
             image_id = index
+        crowd = objects.get("iscrowd")  # absent in most sources: then nothing is a crowd region
         return {"image_id": image_id, "width": width, "height": height,
                 "objects": {"id": ids, "area": objects.get("area") or [w * h for _, _, w, h in boxes],
-                            "bbox": boxes, "category": [lookup[c] for c in categories] if lookup else categories}}
+                            "bbox": boxes, "category": [lookup[c] for c in categories] if lookup else categories,
+                            "iscrowd": [0] * len(boxes) if crowd is None else [int(bool(c)) for c in crowd]}}
 
     undecoded = dataset.cast_column("image", Image(decode=False))
     converted = undecoded.map(convert, with_indices=True, features=_UNDECODED_FEATURES,
@@ -281,8 +305,9 @@ class DataReport:
     """What the cleaning pass fixed or skipped: `counts[(split, issue)]`, and the first image_ids per issue.
 
     Issues: "bad_image" (skipped), "exif_transposed", "size_fixed" (stored width/height were wrong), "box_clipped",
-    "box_outside", "box_empty" (w or h <= 0), "box_non_finite" (dropped), "no_objects" (kept) and "mode_<MODE>" for
-    images that are not RGB. Box issues count boxes, the others count images.
+    "box_outside", "box_empty" (w or h <= 0), "box_non_finite" (dropped), "no_objects" (kept: nothing but crowd
+    regions, if anything, to train on), "image_id_duplicate" (given a new id: COCO evaluation needs one id per image
+    of a split) and "mode_<MODE>" for images that are not RGB. Box issues count boxes, the others count images.
     """
 
     counts: Counter = field(default_factory=Counter)
@@ -316,9 +341,14 @@ def clean_split(dataset: Dataset, num_labels: int, split: str, report: DataRepor
     Check and fix one canonical split in a single `map` pass that decodes every image once.
 
     Fixes (counted in `report`): width/height set to the displayed (EXIF-transposed) size; boxes clipped to the
-    image; boxes outside it, with w or h <= 0 or with non-finite coordinates dropped. Images without objects are
-    kept. Raises `ValueError` naming split, row and image_id for an undecodable image (unless `skip_bad_images`:
-    then the record is dropped and counted), a category outside 0..num_labels-1, or object lists of unequal length.
+    image; boxes outside it, with w or h <= 0 or with non-finite coordinates dropped; an image_id that an earlier
+    record of the split already has replaced by a new one (above the split's largest). Images without objects are
+    kept. Crowd regions go through the same box checks and keep their flag: they are evaluation's "ignore" regions,
+    and only the training transform leaves them out. Clipping a crowd region (the one fix a usable one can get)
+    changes no evaluation: COCO's overlap of a detection with it is the part of the detection inside it, detections
+    lie in the image, and a crowd region's area is never read (it is ignored in every size bucket). Raises `ValueError` naming split, row and image_id for an
+    undecodable image (unless `skip_bad_images`: then the record is dropped and counted), a category outside
+    0..num_labels-1, or object lists of unequal length. This is the one check: nothing downstream re-checks a record.
     """
     undecoded = dataset.cast_column("image", Image(decode=False))
     features = Features({**undecoded.features, "_issues": List(Value("string"))})
@@ -333,7 +363,23 @@ def clean_split(dataset: Dataset, num_labels: int, split: str, report: DataRepor
             keep.append(row)
     if len(keep) < len(checked):
         checked = checked.select(keep)
-    return checked.remove_columns("_issues").cast_column("image", Image())
+    checked = _unique_image_ids(checked.remove_columns("_issues"), split, report)
+    return checked.cast_column("image", Image())
+
+
+def _unique_image_ids(dataset: Dataset, split: str, report: DataReport) -> Dataset:
+    """`dataset` (images undecoded) with every repeated image_id after its first record replaced by a new id."""
+    image_ids = dataset["image_id"]
+    seen, fresh, renamed = set(), max(image_ids, default=-1) + 1, {}
+    for row, image_id in enumerate(image_ids):
+        if image_id in seen:
+            report.add(split, "image_id_duplicate", image_id)
+            renamed[row], fresh = fresh, fresh + 1
+        seen.add(image_id)
+    if not renamed:
+        return dataset
+    return dataset.map(lambda example, row: {"image_id": renamed.get(row, example["image_id"])}, with_indices=True,
+                       features=dataset.features, desc=f"New ids for repeated image_ids in {split}")
 
 
 def _clean_record(example: dict, index: int, num_labels: int, split: str, skip_bad_images: bool) -> dict:
@@ -378,7 +424,8 @@ def _clean_record(example: dict, index: int, num_labels: int, split: str, skip_b
             issues.append("box_clipped")
             kept["bbox"][-1] = [x0, y0, x1 - x0, y1 - y0]
             kept["area"][-1] *= (x1 - x0) * (y1 - y0) / (w * h)  # keep a mask area a mask area, scaled
-    if not kept["bbox"]:
+    crowd = kept.get("iscrowd") or [0] * len(kept["bbox"])
+    if all(crowd):  # no box, or crowd regions only: nothing to train on, the image trains as a negative
         issues.append("no_objects")
     return {"width": width, "height": height, "objects": kept, "_issues": issues}
 
@@ -396,10 +443,11 @@ def make_train_augmentation(image_size: tuple[int, int], strength: str = "strong
 
     "strong": horizontal flip (p=0.5); zoom out (p=0.3, canvas up to 2x, mid-grey fill = 0 after the processor's
     [-1, 1] normalisation); SSD IoU crop (p=0.5; scale 0.3..1 per side, min IoU drawn from {0, .1, .3, .5, .7, .9,
-    no crop}); resize to `image_size` (height, width), where SanitizeBoundingBoxes then drops boxes under 1 pixel
-    (as the model sees them) with their labels; colour jitter (p=0.8; mild hue so class colours stay themselves).
-    "light": flip and colour jitter only (object scales unchanged: learns faster on short schedules).
-    "none": None.
+    no crop}); resize to `image_size` (height, width): the processor's size (`processor_size`), the one resize of a
+    training image; SanitizeBoundingBoxes then drops boxes under 1 pixel (as the model sees them) with their labels;
+    colour jitter (p=0.8; mild hue so class colours stay themselves).
+    "light": flip, resize and colour jitter (object scales unchanged: learns faster on short schedules).
+    "none": None (`DetectionTransform` then only resizes).
     """
     if strength not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {strength!r}.")
@@ -417,42 +465,82 @@ def make_train_augmentation(image_size: tuple[int, int], strength: str = "strong
     ])
 
 
+def processor_size(image_processor) -> tuple[int, int]:
+    """(height, width) in pixels of the images `image_processor` makes: the model's input size."""
+    size = image_processor.size
+    return int(size["height"]), int(size["width"])
+
+
+def processor_resize(image_processor) -> v2.Resize:
+    """The processor's own resize as a v2 transform (size, interpolation, antialiasing): on the same uint8 image it
+    gives the same pixels as `image_processor(image)`, so evaluation sees what inference sees."""
+    return v2.Resize(processor_size(image_processor), antialias=True,
+                     interpolation=pil_torch_interpolation_mapping[image_processor.resample])
+
+
 class DetectionTransform:
     """
-    Batch transform for `dataset.with_transform`: canonical records -> processor inputs.
+    Batch transform for `dataset.with_transform`: checked canonical records -> model inputs, in one pass.
 
-    Images go through `load_rgb`, then the optional `augmentation` (boxes as XYWH `BoundingBoxes` with the labels
-    alongside), then `image_processor` (fixed-size resize, normalisation, boxes to cx, cy, w, h normalised by the
-    size of the image the boxes refer to: the augmented image, or the original one without augmentation).
+    Per record: the image through `load_rgb`; crowd regions left out (never training targets; evaluation reads them
+    from the records); boxes as XYXY `BoundingBoxes` in pixels, with their labels alongside, through `augmentation`
+    (training; it ends with the resize to the processor's size, `make_train_augmentation(processor_size(...))`) or
+    through `processor_resize` (evaluation: the resize inference does); then model labels from the resized boxes.
+    The image is resized once, here; `image_processor` only makes `pixel_values` (rescale, normalise), and nothing
+    re-checks the record: `clean_split` did, once.
+
+    Args:
+        image_processor: a `DiTDetectionImageProcessor`; its `size` is the output size.
+        augmentation: a v2 transform on {"image", "boxes", "labels"} that resizes to that size, or None.
     """
 
     def __init__(self, image_processor, augmentation: v2.Transform | None = None):
         self.image_processor = image_processor
-        self.augmentation = augmentation
+        self.size = processor_size(image_processor)
+        self.geometry = augmentation if augmentation is not None else processor_resize(image_processor)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        """Returns {"pixel_values": [`[3, H, W]` float tensor per example], "labels": [dict per example]}."""
-        images, annotations = [], []
+        """
+        Returns {"pixel_values": [`[3, H, W]` float tensor per example], "labels": [dict per example]}; labels:
+        "class_labels" (`[n]` int64), "boxes" (`[n, 4]` float32, cx, cy, w, h normalised to 0..1), "image_id"
+        (`[1]`, the record's), "orig_size" (`[2]`, (height, width) of the image as loaded, pixels), "size" (`[2]`,
+        (H, W) of pixel_values).
+        """
+        images, labels = [], []
         for image, image_id, objects in zip(batch["image"], batch["image_id"], batch["objects"]):
             image = load_rgb(image)
-            boxes, categories = objects["bbox"], objects["category"]
-            if self.augmentation is not None:
-                image, boxes, categories = self._augment(image, boxes, categories)
-            images.append(image)
-            annotations.append({"image_id": image_id, "annotations": [
-                {"bbox": list(box), "category_id": int(category), "area": box[2] * box[3], "iscrowd": 0}
-                for box, category in zip(boxes, categories)]})
-        encoded = self.image_processor(images=images, annotations=annotations, return_tensors="pt")
-        return {"pixel_values": list(encoded["pixel_values"]), "labels": encoded["labels"]}
+            sample = self.geometry(_sample(image, objects))
+            pixels = sample["image"].as_subclass(torch.Tensor)
+            if tuple(pixels.shape[-2:]) != self.size:
+                raise ValueError(f"image_id {image_id}: the augmentation made a {tuple(pixels.shape[-2:])} image, the "
+                                 f"processor's size is {self.size}: build it with make_train_augmentation(size).")
+            images.append(pixels)
+            labels.append(self._labels(sample["boxes"], sample["labels"], image_id, (image.height, image.width)))
+        pixel_values = self.image_processor(images=images, do_resize=False, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": list(pixel_values), "labels": labels}
 
-    def _augment(self, image: PIL.Image.Image, boxes: list, categories: list):
-        sample = self.augmentation({
-            "image": tv_tensors.Image(F.pil_to_tensor(image)),
-            "boxes": tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), format="XYWH",
-                                              canvas_size=(image.height, image.width)),
-            "labels": torch.tensor(categories, dtype=torch.int64),  # found by SanitizeBoundingBoxes' labels_getter
-        })
-        return sample["image"].as_subclass(torch.Tensor), sample["boxes"].tolist(), sample["labels"].tolist()
+    def _labels(self, boxes: tv_tensors.BoundingBoxes, classes: torch.Tensor, image_id: int,
+                orig_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """XYXY pixel boxes on the resized image -> cx, cy, w, h normalised; clamped, as float rounding in the resize
+        may put a border box a hair outside [0, 1]."""
+        height, width = self.size
+        corners = (boxes.as_subclass(torch.Tensor) / torch.tensor([width, height, width, height])).clamp(0.0, 1.0)
+        return {"class_labels": classes.to(torch.int64), "boxes": box_convert(corners, "xyxy", "cxcywh"),
+                "image_id": torch.tensor([int(image_id)], dtype=torch.int64),
+                "orig_size": torch.tensor(orig_size, dtype=torch.int64),
+                "size": torch.tensor(self.size, dtype=torch.int64)}
+
+
+def _sample(image: PIL.Image.Image, objects: dict) -> dict:
+    """A record's image and its objects that are training targets (not crowd regions) as a v2 sample: "image"
+    (uint8 `[3, H, W]`), "boxes" (XYXY pixels), "labels" (found by SanitizeBoundingBoxes' labels_getter)."""
+    crowd = objects.get("iscrowd") or [0] * len(objects["bbox"])
+    targets = [j for j, is_crowd in enumerate(crowd) if not is_crowd]
+    xywh = torch.tensor([objects["bbox"][j] for j in targets], dtype=torch.float32).reshape(-1, 4)
+    boxes = tv_tensors.BoundingBoxes(xywh, format="XYWH", canvas_size=(image.height, image.width))
+    return {"image": tv_tensors.Image(F.pil_to_tensor(image)),
+            "boxes": F.convert_bounding_box_format(boxes, new_format=tv_tensors.BoundingBoxFormat.XYXY),
+            "labels": torch.tensor([objects["category"][j] for j in targets], dtype=torch.int64)}
 
 
 def collate_fn(examples: list[dict]) -> dict:
@@ -461,6 +549,35 @@ def collate_fn(examples: list[dict]) -> dict:
             "labels": [example["labels"] for example in examples]}
 
 
-__all__ = ["AUGMENTATIONS", "CANONICAL_FEATURES", "DataReport", "DetectionTransform", "clean_split", "collate_fn",
-           "load_detection_dataset", "make_train_augmentation",
-           "prepare_detection_dataset"]
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Evaluation ground truth
+# ----------------------------------------------------------------------------------------------------------------
+
+def coco_ground_truth(dataset: Dataset, id2label: dict[int, str], category_ids: list[int]) -> dict:
+    """
+    A checked canonical split as COCO ground truth: the instances dict (`images`, `annotations`, `categories`) that
+    pycocotools' `COCO` reads, as the split's own COCO json would give it (DETR evaluates against `base_ds.coco`).
+
+    images: {"id": the record's image_id, "width", "height" (pixels)}; annotations, in record order: {"id": 1, 2, ...
+    (COCOeval reads id 0 as "unmatched"), "image_id", "category_id": `category_ids[label]`, "bbox" (x, y, w, h
+    pixels), "area" (the record's: the annotation's, e.g. its mask's; decides the size bucket), "iscrowd" (crowd
+    regions: detections on them are ignored, neither true nor false positives)}; categories: one per label,
+    {"id": `category_ids[label]`, "name": `id2label[label]`}. Images are not decoded.
+    """
+    records = dataset.select_columns(["image_id", "width", "height", "objects"])
+    images, annotations = [], []
+    for image_id, width, height, objects in zip(records["image_id"], records["width"], records["height"],
+                                                records["objects"]):
+        images.append({"id": int(image_id), "width": int(width), "height": int(height)})
+        crowd = objects.get("iscrowd") or [0] * len(objects["bbox"])
+        for box, area, label, is_crowd in zip(objects["bbox"], objects["area"], objects["category"], crowd):
+            annotations.append({"id": len(annotations) + 1, "image_id": int(image_id),
+                                "category_id": int(category_ids[label]), "bbox": [float(v) for v in box],
+                                "area": float(area), "iscrowd": int(is_crowd)})
+    categories = [{"id": int(category_ids[label]), "name": str(id2label[label])} for label in sorted(id2label)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+__all__ = ["AUGMENTATIONS", "CANONICAL_FEATURES", "DataReport", "DetectionTransform", "clean_split",
+           "coco_ground_truth", "collate_fn", "load_detection_dataset", "make_train_augmentation",
+           "prepare_detection_dataset", "processor_resize", "processor_size"]

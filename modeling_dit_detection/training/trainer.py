@@ -13,6 +13,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..modeling_dit_backbone import DiTBackbone
+from .coco_metric import DetectionEvaluator
 
 logger = logging.getLogger(__name__)
 _BLOCK = re.compile(r"(?:^|\.)backbone\.layers\.(\d+)\.")
@@ -68,8 +69,9 @@ class StageLoss(TrainerCallback, ExportableState):
 
 class DetectionTrainer(Trainer):
     """`Trainer` whose optimiser gives the backbone its own, layer-wise decayed learning rate, whose every
-    evaluation gathers per-image labels as objects, whose `train_loss` covers the whole stage (resumes included),
-    and which stops at the first non-finite training loss, naming the step and the batch's images."""
+    evaluation gathers per-image labels as objects and is scored by its `DetectionEvaluator` against the ground truth
+    of the split it evaluates (chosen by `metric_key_prefix`), whose `train_loss` covers the whole stage (resumes
+    included), and which stops at the first non-finite training loss, naming the step and the batch's images."""
 
     def __init__(self, *args, backbone_learning_rate: float | None = None, layer_decay: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -115,6 +117,15 @@ class DetectionTrainer(Trainer):
         if totals[1] > 0:
             output.metrics["train_loss"] = float(totals[0] / totals[1])
         return output
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # `compute_metrics` is not told which split it scores; a DetectionEvaluator with per-split ground truth is,
+        # by the prefix its metrics are reported under ("eval", "test"). A dict of eval sets comes back here once per
+        # set, with the prefix "eval_<name>".
+        if isinstance(self.compute_metrics, DetectionEvaluator) and not isinstance(
+                self.eval_dataset if eval_dataset is None else eval_dataset, dict):
+            self.compute_metrics.select(metric_key_prefix)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def evaluation_loop(self, *args, **kwargs):
         # transformers ends every evaluation loop with `self.gather_function = accelerator.gather_for_metrics`,
