@@ -44,7 +44,7 @@ from modeling_dit_detection.training.recipes import StagePlan, check_config_over
 from modeling_dit_detection.predict import detect
 from modeling_dit_detection.training.synthetic_data import make_synthetic_detection_dataset
 from modeling_dit_detection.training.stages import prepare_output_dir, train_in_stages
-from modeling_dit_detection.training.trainer import DetectionTrainer
+from modeling_dit_detection.training.trainer import AugmentationEpoch, DetectionTrainer
 from modeling_dit_detection.visualization import detection_grid
 
 logger = logging.getLogger("run_detection")
@@ -330,7 +330,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
                 "a new DiT", "x".join(map(str, model.config.image_size)), plan.describe())
     # The model's input size is the processor's: the training augmentation resizes to it, the eval transform too.
     augmentation = make_train_augmentation(processor_size(processor), data_args.augmentation)
-    train_set = train.with_transform(DetectionTransform(processor, augmentation))
+    train_transform = DetectionTransform(processor, augmentation, seed=training_args.seed)
+    train_set = train.with_transform(train_transform)
     eval_splits = {"eval": validation} | ({"test": test} if test is not None else {})  # by their metrics' prefix
     eval_sets = {prefix: split.with_transform(DetectionTransform(processor)) for prefix, split in eval_splits.items()}
     # Each eval split is scored against its own records as COCO ground truth (crowd regions, areas, original ids).
@@ -342,7 +343,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
                                 data_collator=collate_fn, processing_class=processor,
                                 compute_metrics=evaluator, preprocess_logits_for_metrics=evaluator.preprocess,
                                 backbone_learning_rate=plan.backbone_learning_rate, layer_decay=plan.layer_decay,
-                                callbacks=list(callbacks))
+                                callbacks=[AugmentationEpoch(train_transform), *callbacks])
 
     trainer, metrics = train_in_stages(model, training_args, plan, make_trainer)
     if trainer is None:  # resumed after both stages had finished

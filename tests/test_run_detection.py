@@ -491,3 +491,22 @@ def test_two_process_ddp_run_matches_single_process_evaluation(tmp_path):
     assert len(test) == 5
     for key in ("map", "map_50", "map_75", "mar_100"):
         assert distributed[f"test_{key}"] == pytest.approx(single[key], abs=1e-6), key
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
+    """Strong (random) augmentation, a crash after a checkpoint in the middle of an epoch, then
+    --resume_from_checkpoint true: the final weights and the reported stage losses equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    argv = [*SMALL_JOB, "--num_train_epochs", "3", "--augmentation", "strong", "--eval_strategy", "no",
+            "--save_strategy", "steps", "--save_steps", "2", "--synthetic_eval_size", "2", "--report_to", "none"]
+    whole = _run([*argv, "--output_dir", str(tmp_path / "whole")])
+    interrupted = [*argv, "--output_dir", str(tmp_path / "resumed")]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(interrupted, callbacks=[StageRecorder(fail_at=("stage2", 5))])  # checkpoint-4 is mid-epoch
+    resumed = _run([*interrupted, "--resume_from_checkpoint", "true"])
+    expected, actual = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("whole", "resumed"))
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-6, msg=key)
+    for key in ("stage1_train_loss", "stage2_train_loss"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-5), key

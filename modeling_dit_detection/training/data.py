@@ -39,6 +39,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2 import query_size
 from transformers.image_utils import pil_torch_interpolation_mapping
 
 from ..image_processing_dit_detection import load_rgb
@@ -456,13 +457,24 @@ def make_train_augmentation(image_size: tuple[int, int], strength: str = "strong
     geometric = [v2.RandomHorizontalFlip(p=0.5)]
     if strength == "strong":
         geometric += [v2.RandomZoomOut(fill=128, side_range=(1.0, 2.0), p=0.3),
-                      v2.RandomApply([v2.RandomIoUCrop(min_scale=0.3)], p=0.5)]
+                      v2.RandomApply([SmallImageSafeIoUCrop(min_scale=0.3)], p=0.5)]
     return v2.Compose([
         *geometric,
         v2.Resize(tuple(image_size)),
         v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02)], p=0.8),
         v2.SanitizeBoundingBoxes(min_size=1.0),
     ])
+
+
+class SmallImageSafeIoUCrop(v2.RandomIoUCrop):
+    """`RandomIoUCrop` that leaves images too small to crop as they are: torchvision's divides by a crop side that
+    rounds to 0 pixels (ZeroDivisionError) when a side times `min_scale` is under one pixel."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = query_size(flat_inputs)
+        if min(height, width) * self.min_scale < 2:
+            return {}  # the "leave as it is" choice
+        return super().make_params(flat_inputs)
 
 
 def processor_size(image_processor) -> tuple[int, int]:
@@ -489,15 +501,23 @@ class DetectionTransform:
     The image is resized once, here; `image_processor` only makes `pixel_values` (rescale, normalise), and nothing
     re-checks the record: `clean_split` did, once.
 
+    Random augmentation is a function of (`seed`, `epoch`, the record's image_id) alone: each record draws from its
+    own generator, never from the process's random state. So a run resumed mid-epoch (which skips batches without
+    transforming them) and the run it continues augment every image identically, whatever the number of
+    dataloader workers. Set `epoch` at each epoch's start (`AugmentationEpoch` does, as a Trainer callback).
+
     Args:
         image_processor: a `DiTDetectionImageProcessor`; its `size` is the output size.
         augmentation: a v2 transform on {"image", "boxes", "labels"} that resizes to that size, or None.
+        seed: the run's seed, for the augmentation's draws.
     """
 
-    def __init__(self, image_processor, augmentation: v2.Transform | None = None):
+    def __init__(self, image_processor, augmentation: v2.Transform | None = None, seed: int = 0):
         self.image_processor = image_processor
         self.size = processor_size(image_processor)
         self.geometry = augmentation if augmentation is not None else processor_resize(image_processor)
+        self.random = augmentation is not None
+        self.seed, self.epoch = seed, 0
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         """
@@ -509,7 +529,7 @@ class DetectionTransform:
         images, labels = [], []
         for image, image_id, objects in zip(batch["image"], batch["image_id"], batch["objects"]):
             image = load_rgb(image)
-            sample = self.geometry(_sample(image, objects))
+            sample = self._transform(_sample(image, objects), image_id)
             pixels = sample["image"].as_subclass(torch.Tensor)
             if tuple(pixels.shape[-2:]) != self.size:
                 raise ValueError(f"image_id {image_id}: the augmentation made a {tuple(pixels.shape[-2:])} image, the "
@@ -518,6 +538,15 @@ class DetectionTransform:
             labels.append(self._labels(sample["boxes"], sample["labels"], image_id, (image.height, image.width)))
         pixel_values = self.image_processor(images=images, do_resize=False, return_tensors="pt")["pixel_values"]
         return {"pixel_values": list(pixel_values), "labels": labels}
+
+    def _transform(self, sample: dict, image_id: int) -> dict:
+        if not self.random:
+            return self.geometry(sample)
+        # torchvision's v2 transforms draw from torch's global generator: give them this record's own state, and
+        # leave the process's state as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, int(image_id))) & 0xFFFF_FFFF_FFFF_FFFF)
+            return self.geometry(sample)
 
     def _labels(self, boxes: tv_tensors.BoundingBoxes, classes: torch.Tensor, image_id: int,
                 orig_size: tuple[int, int]) -> dict[str, torch.Tensor]:

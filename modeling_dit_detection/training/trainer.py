@@ -3,8 +3,10 @@ training loss kept over a whole stage across resumes, and a stop at the first no
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from pathlib import Path
 
 import torch
 from accelerate.utils import send_to_device
@@ -67,6 +69,18 @@ class StageLoss(TrainerCallback, ExportableState):
         return {"args": {"total": self.total, "batches": self.batches}, "attributes": {}}
 
 
+class AugmentationEpoch(TrainerCallback):
+    """Tells a `DetectionTransform` which epoch starts, so its random augmentation differs between epochs and is
+    reproduced exactly by a resumed run (workers are re-created each epoch, so they see the new epoch too; with
+    `--dataloader_persistent_workers` they would not)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.transform.epoch = int(state.epoch + 1e-6)  # a resumed epoch starts part-way: 1.33 is epoch 1
+
+
 class DetectionTrainer(Trainer):
     """`Trainer` whose optimiser gives the backbone its own, layer-wise decayed learning rate, whose every
     evaluation gathers per-image labels as objects and is scored by its `DetectionEvaluator` against the ground truth
@@ -108,8 +122,10 @@ class DetectionTrainer(Trainer):
             "was changed and the last checkpoint is intact. Check those images' boxes, or lower --learning_rate / "
             "raise --warmup_steps, then --resume_from_checkpoint true.")
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint:
+            self._restore_stage_loss(resume_from_checkpoint)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         tracker = self.callback_handler.callbacks[self._stage_loss_index()]
         totals = torch.tensor([tracker.total, float(tracker.batches)], dtype=torch.float64, device=self.args.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -117,6 +133,16 @@ class DetectionTrainer(Trainer):
         if totals[1] > 0:
             output.metrics["train_loss"] = float(totals[0] / totals[1])
         return output
+
+    def _restore_stage_loss(self, checkpoint: str) -> None:
+        # The Trainer restores callback states only with --restore_callback_states_from_checkpoint; this one is part
+        # of what a resume must restore, so it is read back from the checkpoint's trainer_state.json here.
+        stored = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("stateful_callbacks", {})
+        saved = stored.get(StageLoss.__name__)
+        if saved:
+            saved = saved[0] if isinstance(saved, list) else saved
+            tracker = self.callback_handler.callbacks[self._stage_loss_index()]
+            tracker.total, tracker.batches = saved["args"]["total"], saved["args"]["batches"]
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # `compute_metrics` is not told which split it scores; a DetectionEvaluator with per-split ground truth is,
