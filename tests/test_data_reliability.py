@@ -72,6 +72,18 @@ def test_coco_annotation_of_no_image_is_counted_reported_and_dropped(tmp_path, c
     assert [objects["id"] for objects in splits["train"]["objects"]] == [[1], [2]]
 
 
+def test_coco_optional_fields_absent_or_null_take_their_defaults(tmp_path):
+    def nulls(coco):
+        coco["annotations"][0].update(area=None, iscrowd=None)
+        coco["images"][0].update(width=None, height=None)
+    splits, _, _ = _load(_coco(tmp_path, nulls))
+    objects = splits["train"][0]["objects"]
+    assert objects["area"] == [25.0] and objects["iscrowd"] == [0]  # the box's area; not a crowd region
+    report = DataReport()
+    checked = clean_split(splits["train"], len(NAMES), "train", report)
+    assert (checked[0]["width"], checked[0]["height"]) == (40, 30)
+
+
 def test_coco_string_image_ids_are_numbered_in_image_order(tmp_path):
     def stringify(coco):
         for image, name in zip(coco["images"], ["img-a", "img-b"]):
@@ -107,6 +119,8 @@ def _set(part, index, **values):
     (_set("annotations", 0, area="big"), r"annotations\[0\] \(id 1\).*'area'"),
     (_set("annotations", 0, iscrowd="yes"), r"annotations\[0\] \(id 1\).*'iscrowd'"),
     (_set("annotations", 0, id="a"), r"annotations\[0\].*'id'.*'a'"),
+    (_set("annotations", 0, id=2 ** 70), r"annotations\[0\].*'id'.*64-bit"),
+    (_set("annotations", 0, area=-1), r"annotations\[0\] \(id 1\).*'area'.*-1"),
     (lambda coco: coco["annotations"].__setitem__(0, [1, 2]), r"annotations\[0\].*object"),
     (lambda coco: coco.pop("categories"), r"no 'categories' list"),
     (lambda coco: coco.pop("annotations"), r"no 'annotations' list"),
@@ -122,6 +136,8 @@ def _set(part, index, **values):
     (_pop("images", 0, "id"), r"images\[0\].*'id'.*missing"),
     (_set("images", 0, id=1.5), r"images\[0\].*'id'.*1\.5"),
     (_set("images", 0, width="wide"), r"images\[0\] \(id 11\).*'width'.*'wide'"),
+    (_set("images", 1, height=1e12), r"images\[1\] \(id 12\).*'height'.*1000000000000"),
+    (_set("images", 0, id=2 ** 63), r"images\[0\].*'id'.*64-bit"),
     (lambda coco: coco.update(images=[]), r"'images' is empty"),
 ])
 def test_malformed_coco_json_is_an_error_naming_file_record_and_field(tmp_path, edit, message):

@@ -200,7 +200,7 @@ def _load_coco(coco_annotations: dict[str, str], image_dir: str | dict[str, str]
         rows = [{"image_id": image_ids[image["id"]], "image": os.path.join(root, image["file_name"]),
                  "width": _pixels(image.get("width")), "height": _pixels(image.get("height")),
                  "objects": {"id": [a["id"] for a in anns],
-                             "area": [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns],
+                             "area": [_area(a) for a in anns],
                              "bbox": [a["bbox"] for a in anns], "category": [index[a["category_id"]] for a in anns],
                              "iscrowd": [int(bool(a.get("iscrowd", 0))) for a in anns]}}
                 for image in images for anns in [by_image.get(image_ids[image["id"]], [])]]
@@ -214,11 +214,21 @@ def _load_coco(coco_annotations: dict[str, str], image_dir: str | dict[str, str]
 # What a COCO json's records must hold. Checked before anything reads them, so a malformed file ends in one error that
 # names the file, the record and the field, not in a KeyError from deep inside.
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false are not ids
+    """An id the records can hold (int64); JSON true/false are not ids."""
+    return isinstance(value, int) and not isinstance(value, bool) and -2 ** 63 <= value < 2 ** 63
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_side(value) -> bool:
+    """A stored image side the records can hold (int32 pixels); NaN fails the comparison."""
+    return _is_number(value) and 0 <= value < 2 ** 31
+
+
+def _is_area(value) -> bool:
+    return _is_number(value) and 0 <= value < math.inf  # NaN fails the comparison
 
 
 def _is_box(value) -> bool:
@@ -275,7 +285,7 @@ def _coco_categories(categories: list, path: str) -> list[tuple[int, str]]:
     seen_ids, seen_names = {}, {}
     for position in range(len(categories)):
         category, where = _coco_record(categories[position], position, "categories", path)
-        category_id = _coco_field(category, "id", where, _is_int, "an integer")
+        category_id = _coco_field(category, "id", where, _is_int, "an integer (64-bit)")
         name = _coco_field(category, "name", where, _is_name, "a non-empty string")
         if category_id in seen_ids:
             raise ValueError(f"{where}: field 'id' {category_id} is already categories[{seen_ids[category_id]}]'s.")
@@ -294,11 +304,10 @@ def _coco_images(images: list, path: str) -> tuple[list[dict], dict]:
     for position in range(len(images)):
         image, where = _coco_record(images[position], position, "images", path)
         image_id = _coco_field(image, "id", where, lambda v: _is_int(v) or isinstance(v, str),
-                               "an integer (or a string)")
+                               "an integer (64-bit) or a string")
         _coco_field(image, "file_name", where, _is_name, "a non-empty string (the image's path)")
         for key in ("width", "height"):  # optional: the check reads the size from the image anyway
-            _coco_field(image, key, where, lambda v: _is_number(v) and math.isfinite(v), "a number of pixels",
-                        optional=True)
+            _coco_field(image, key, where, _is_side, "a number of pixels", optional=True)
         if image_id in seen:
             raise ValueError(f"{where}: field 'id' {image_id!r} is also images[{seen[image_id]}]'s: the annotations "
                              "of that id cannot be attributed to one image. Give every image its own id.")
@@ -314,14 +323,14 @@ def _coco_annotation(annotation, position: int, path: str, index: dict[int, int]
     """`annotation` once checked: int id, an image_id, a category_id among the categories, a bbox of 4 numbers,
     optional numeric area and 0/1 iscrowd. Box values themselves (NaN, negative size, outside) are the check's."""
     annotation, where = _coco_record(annotation, position, "annotations", path)
-    _coco_field(annotation, "id", where, _is_int, "an integer")
+    _coco_field(annotation, "id", where, _is_int, "an integer (64-bit)")
     _coco_field(annotation, "image_id", where, lambda v: _is_int(v) or isinstance(v, str), "an image's id")
     category_id = _coco_field(annotation, "category_id", where, _is_int, "an integer (a category's id)")
     if category_id not in index:
         raise ValueError(f"{where}: field 'category_id': annotation {annotation['id']} has category_id {category_id}, "
                          f"not among the categories {sorted(index)}.")
     _coco_field(annotation, "bbox", where, _is_box, "4 numbers [x, y, width, height]")
-    _coco_field(annotation, "area", where, _is_number, "a number", optional=True)
+    _coco_field(annotation, "area", where, _is_area, "a finite number >= 0 (pixels^2)", optional=True)
     _coco_field(annotation, "iscrowd", where, lambda v: v in (0, 1), "0 or 1", optional=True)
     return annotation
 
@@ -329,6 +338,12 @@ def _coco_annotation(annotation, position: int, path: str, index: dict[int, int]
 def _pixels(value: float | None) -> int | None:
     """A stored image side as an int (a float one is truncated: the check compares it with the image's own size)."""
     return None if value is None else int(value)
+
+
+def _area(annotation: dict) -> float:
+    """The annotation's area (e.g. of its mask); its box's where it has none (absent or null)."""
+    area = annotation.get("area")
+    return annotation["bbox"][2] * annotation["bbox"][3] if area is None else area
 
 
 def _report_orphans(orphans: list[dict], path: str, split: str, report: DataReport | None) -> None:
