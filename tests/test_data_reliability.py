@@ -188,6 +188,30 @@ def test_a_split_left_empty_by_the_check_is_an_error_naming_it(tmp_path, bad_spl
         run_detection.prepare_data(data_args, training_args)
 
 
+@pytest.mark.parametrize("category", [datasets.Value("string"), datasets.Value("int64"),
+                                      datasets.ClassLabel(names=NAMES)])
+def test_a_null_category_in_a_non_coco_source_is_an_error_naming_the_record(category):
+    dataset = datasets.Dataset.from_list(
+        [{"image": {"bytes": _png((20, 20)), "path": None}, "objects": {"bbox": [[0, 0, 1, 1]], "category": [c]}}
+         for c in [0, None]],
+        features=datasets.Features({"image": datasets.Image(), "objects": {
+            "bbox": datasets.List(datasets.List(datasets.Value("float32"))), "category": datasets.List(category)}}))
+    with pytest.raises(ValueError, match=r"Split 'train', row 1.*object 0.*category"):
+        splits, _, _ = prepare_detection_dataset(dataset, validation_split_percentage=0)
+        clean_split(splits["train"], len(NAMES), "train", DataReport())
+
+
+def test_null_object_lists_in_a_non_coco_source_are_an_image_without_objects():
+    dataset = datasets.Dataset.from_list(
+        [{"image": {"bytes": _png((20, 20)), "path": None}, "objects": objects} for objects in
+         [{"bbox": None, "category": None, "id": None}, {"bbox": [[0, 0, 1, 1]], "category": ["cat"], "id": [4]}]])
+    splits, _, _ = prepare_detection_dataset(dataset, validation_split_percentage=0)
+    report = DataReport()
+    checked = clean_split(splits["train"], len(NAMES), "train", report)
+    assert [objects["bbox"] for objects in checked["objects"]] == [[], [[0, 0, 1, 1]]]
+    assert report.counts == {("train", "no_objects"): 1}
+
+
 def test_an_empty_split_or_one_too_small_to_hold_out_validation_is_an_error_naming_it():
     one = datasets.Dataset.from_list([{"image": {"bytes": _png((20, 20)), "path": None},
                                        "objects": {"bbox": [[0.0, 0.0, 1.0, 1.0]], "category": ["cat"]}}])

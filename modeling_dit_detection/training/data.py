@@ -377,8 +377,7 @@ def _canonicalize(splits: DatasetDict, bbox_format: str) -> tuple[DatasetDict, d
     if isinstance(category_feature, ClassLabel):
         names = category_feature.names
     else:
-        values = {c for split in splits.values() for objects in split["objects"]
-                  for c in _dict_of_lists(objects).get(key, [])}
+        values = _category_values(splits, key)
         if category_feature.dtype == "string":
             names = sorted(values)
             lookup = {name: i for i, name in enumerate(names)}
@@ -390,11 +389,24 @@ def _canonicalize(splits: DatasetDict, bbox_format: str) -> tuple[DatasetDict, d
     return canonical, dict(enumerate(names))
 
 
+def _category_values(splits: DatasetDict, key: str) -> set:
+    """The categories (names or numbers) the splits' objects use; a null one is an error naming its record (it would
+    otherwise fail to sort, deep inside, or become a class of its own)."""
+    values = set()
+    for name, split in splits.items():
+        for row, objects in enumerate(split["objects"]):
+            for j, category in enumerate(_dict_of_lists(objects).get(key) or []):
+                if category is None:
+                    raise ValueError(f"Split {name!r}, row {row}, object {j}: field {key!r} is null.")
+                values.add(category)
+    return values
+
+
 def _canonical_split(dataset: Dataset, split: str, bbox_format: str, key: str, lookup: dict[str, int] | None,
                      number_objects: bool) -> Dataset:
     """One `map` to the canonical schema: boxes to COCO pixels, categories to ints, missing fields filled."""
     if number_objects:  # no object ids: number the objects of the split 0, 1, ... in row order
-        lengths = [len(_dict_of_lists(objects).get("bbox", [])) for objects in dataset["objects"]]
+        lengths = [len(_dict_of_lists(objects).get("bbox") or []) for objects in dataset["objects"]]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
 
     def convert(example, index):
@@ -405,13 +417,13 @@ def _canonical_split(dataset: Dataset, split: str, bbox_format: str, key: str, l
             # or refer to the image before its EXIF rotation.
             width, height = _displayed_size_or_zero(example["image"])
         boxes = []
-        for j, box in enumerate(objects.get("bbox", [])):
+        for j, box in enumerate(objects.get("bbox") or []):  # a null list: no objects
             if box is None or len(box) != 4:
                 raise ValueError(f"Split {split!r}, row {index}, image_id {example.get('image_id', index)}, "
                                  f"object {j}: bbox must be 4 numbers, got {box!r}.")
             boxes.append(_to_coco([math.nan if v is None else float(v) for v in box], bbox_format, width, height))
-        categories = objects.get(key, [])
-        ids = objects.get("id", []) if not number_objects else list(range(offsets[index], offsets[index] + len(boxes)))
+        categories = objects.get(key) or []
+        ids = (objects.get("id") or []) if not number_objects else list(range(offsets[index], offsets[index] + len(boxes)))
         image_id = example.get("image_id", index)
         if not isinstance(image_id, int) or isinstance(image_id, bool):  # e.g. file names: the row index serves
             image_id = index
@@ -583,7 +595,7 @@ def _clean_record(example: dict, index: int, num_labels: int, split: str, skip_b
     if len(set(lengths.values())) > 1:
         raise ValueError(f"{where}: the objects' lists differ in length {lengths} (one category per bbox expected).")
     for j, category in enumerate(objects["category"]):
-        if not 0 <= category < num_labels:
+        if not isinstance(category, int) or not 0 <= category < num_labels:  # a null one too
             raise ValueError(f"{where}, object {j}: category {category} outside 0..{num_labels - 1}.")
     try:
         image = _open_image(example["image"])
