@@ -248,14 +248,21 @@ def load_data(data_args: DataArguments, seed: int, report: DataReport | None = N
 
 
 def _split_paths(value: str, option: str) -> dict[str, str]:
-    """'train=a,validation=b' -> {"train": "a", "validation": "b"}; a lone path is the train split's."""
-    parts = [part.split("=", 1) for part in value.split(",")]
-    if len(parts) == 1 and len(parts[0]) == 1:
+    """'train=a,validation=b' -> {"train": "a", "validation": "b"}; a lone path is the train split's. Spaces around
+    the parts are ignored; an empty path, or a split given twice (val is validation), is an error naming `option`."""
+    parts = [[piece.strip() for piece in part.split("=", 1)] for part in value.split(",")]
+    if len(parts) == 1 and len(parts[0]) == 1 and parts[0][0]:
         return {"train": parts[0][0]}
     if not all(len(part) == 2 and part[0] in ("train", "validation", "val", "test") and part[1] for part in parts):
         raise ValueError(f"{option} {value!r}: give one path, or split=path pairs separated by commas "
                          "(splits: train, validation, test).")
-    return {"validation" if split == "val" else split: path for split, path in parts}
+    paths = {}
+    for split, path in parts:
+        split = "validation" if split == "val" else split
+        if split in paths:  # the later path would silently win
+            raise ValueError(f"{option} {value!r}: the {split} split is given twice.")
+        paths[split] = path
+    return paths
 
 
 def model_overrides(model_args: ModelArguments) -> dict:

@@ -174,6 +174,16 @@ def test_sample_limits_below_one_are_refused_naming_the_flag(tmp_path, monkeypat
         run_detection.prepare_data(data_args, training_args)
 
 
+@pytest.mark.parametrize("value, message", [("", "split=path pairs"), ("train=", "split=path pairs"),
+                                            ("train=a.json,train=b.json", "train split is given twice"),
+                                            ("validation=a.json,val=b.json", "validation split is given twice")])
+def test_coco_annotations_option_with_an_empty_path_or_a_split_twice_is_refused(value, message):
+    with pytest.raises(ValueError, match=f"--coco_annotations '{value}': .*{message}"):
+        load_run_detection()._split_paths(value, "--coco_annotations")
+    assert load_run_detection()._split_paths(" train = a.json , val=b.json", "--x") == {"train": "a.json",
+                                                                                       "validation": "b.json"}
+
+
 @pytest.mark.parametrize("bad_split", ["train", "validation"])
 def test_a_split_left_empty_by_the_check_is_an_error_naming_it(tmp_path, bad_split):
     run_detection = load_run_detection()
