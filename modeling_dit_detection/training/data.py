@@ -6,7 +6,8 @@
 
 The canonical schema is cppe-5's plus what COCO evaluation needs. One record:
 
-    image_id  int64   the source's own id (COCO's `images[].id`), unique within a split after the check
+    image_id  int64   the source's own integer id (COCO's `images[].id`; the row where ids are absent or strings),
+                      unique within a split after the check
     image     datasets.Image()
     width     int32   pixels of the displayed image (after EXIF orientation)
     height    int32
@@ -88,7 +89,9 @@ def load_detection_dataset(dataset_name: str | None = None, dataset_config_name:
     `image_dir` (one folder, or {split: folder} as in COCO's train2017/ val2017/; default: the json's folder).
     COCO category ids are mapped to labels 0..K-1 in ascending id order (`category_ids` keeps the ids); crowd
     annotations are kept with `iscrowd=1` (COCO evaluation ignores detections on them; training never sees them),
-    with the annotation `area` and the original image ids.
+    with the annotation `area` and the original image ids (string ids: the image's position in the file). A malformed
+    COCO json is a `ValueError` naming the file, the record and the field; annotations of no image are dropped and
+    counted in `report`.
 
     Args:
         bbox_format: how the source's boxes are written: "coco" (x, y, w, h pixels), "pascal_voc" (x0, y0, x1, y1
