@@ -157,6 +157,15 @@ def test_coco_file_that_is_not_a_json_object_is_an_error_naming_the_file(tmp_pat
 def test_missing_coco_file_is_a_file_not_found_error_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nowhere\.json"):
         _load(tmp_path / "nowhere.json")
+    with pytest.raises(ValueError, match=r"folder, not a COCO annotations json"):
+        _load(tmp_path)
+
+
+def test_coco_json_with_a_byte_order_mark_loads(tmp_path):
+    path = _coco(tmp_path)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    splits, _, _ = _load(path)
+    assert splits["train"]["image_id"] == [11, 12]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -263,10 +263,12 @@ def _coco_record(record, position: int, part: str, path: str) -> tuple[dict, str
 def _read_coco_json(path: str) -> dict:
     """The COCO json at `path`: an object with `images`, `annotations` and `categories` lists, images and categories
     not empty."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a folder, not a COCO annotations json.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such COCO annotations file.")
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8-sig") as file:  # -sig: a byte-order mark, as some Windows tools write, is fine
             coco = json.load(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error}).") from None
