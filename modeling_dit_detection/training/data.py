@@ -428,7 +428,7 @@ def _canonical_split(dataset: Dataset, split: str, bbox_format: str, key: str, l
                                  f"object {j}: bbox must be 4 numbers, got {box!r}.")
             boxes.append(_to_coco([math.nan if v is None else float(v) for v in box], bbox_format, width, height))
         categories = objects.get(key) or []
-        ids = (objects.get("id") or []) if not number_objects else list(range(offsets[index], offsets[index] + len(boxes)))
+        ids = list(range(offsets[index], offsets[index] + len(boxes))) if number_objects else objects.get("id") or []
         image_id = example.get("image_id", index)
         if not isinstance(image_id, int) or isinstance(image_id, bool):  # e.g. file names: the row index serves
             image_id = index
