@@ -794,7 +794,7 @@ def coco_ground_truth(dataset: Dataset, id2label: dict[int, str], category_ids: 
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-__all__ = ["AUGMENTATIONS", "CANONICAL_FEATURES", "DataReport", "DetectionTransform", "MIN_IMAGE_SIDE", "check_object_counts",
-           "clean_split",
+__all__ = ["AUGMENTATIONS", "CANONICAL_FEATURES", "DataReport", "DetectionTransform", "MIN_IMAGE_SIDE",
+           "check_object_counts", "clean_split",
            "coco_ground_truth", "collate_fn", "load_detection_dataset", "make_train_augmentation",
            "prepare_detection_dataset", "processor_resize", "processor_size"]
