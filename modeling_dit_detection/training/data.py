@@ -189,7 +189,7 @@ def _load_coco(coco_annotations: dict[str, str], image_dir: str | dict[str, str]
         elif split_categories != categories:
             raise ValueError(f"{path}: categories differ from the other splits' ({categories}).")
         index = {category_id: i for i, (category_id, _) in enumerate(categories)}
-        images, image_ids = _coco_images(coco["images"], path)
+        image_ids = _coco_image_ids(coco["images"], path)
         by_image, orphans = defaultdict(list), []
         for position, ann in enumerate(coco["annotations"]):
             ann = _coco_annotation(ann, position, path, index)
@@ -206,7 +206,7 @@ def _load_coco(coco_annotations: dict[str, str], image_dir: str | dict[str, str]
                              "area": [_area(a) for a in anns],
                              "bbox": [a["bbox"] for a in anns], "category": [index[a["category_id"]] for a in anns],
                              "iscrowd": [int(bool(a.get("iscrowd", 0))) for a in anns]}}
-                for image in images for anns in [by_image.get(image_ids[image["id"]], [])]]
+                for image in coco["images"] for anns in [by_image.get(image_ids[image["id"]], [])]]
         names = [name for _, name in categories]
         features = Features({**CANONICAL_FEATURES,
                              "objects": {**OBJECT_FEATURES, "category": List(ClassLabel(names=names))}})
@@ -301,9 +301,9 @@ def _coco_categories(categories: list, path: str) -> list[tuple[int, str]]:
     return sorted((category["id"], category["name"]) for category in categories)
 
 
-def _coco_images(images: list, path: str) -> tuple[list[dict], dict]:
-    """(the checked images, {the json's image id: the record's int image_id}). Ids are unique: two images with one id
-    would share their annotations. Integer ids are kept; string ids (allowed by some exporters) number the images
+def _coco_image_ids(images: list, path: str) -> dict:
+    """{the json's image id: the record's int image_id}, once each image is checked. Ids are unique: two images with
+    one id would share their annotations. Integer ids are kept; string ids (allowed by some exporters) number the images
     0..N-1 in file order, as for other sources without integer ids, and the change is logged."""
     seen = {}
     for position in range(len(images)):
@@ -318,10 +318,10 @@ def _coco_images(images: list, path: str) -> tuple[list[dict], dict]:
                              "of that id cannot be attributed to one image. Give every image its own id.")
         seen[image_id] = position
     if all(_is_int(image_id) for image_id in seen):
-        return images, {image_id: image_id for image_id in seen}
+        return {image_id: image_id for image_id in seen}
     logger.warning("%s: image ids are not all integers (e.g. %r): the records number the images 0..%d in the "
                    "file's order.", path, next(i for i in seen if not _is_int(i)), len(images) - 1)
-    return images, seen
+    return seen
 
 
 def _coco_annotation(annotation, position: int, path: str, index: dict[int, int]) -> dict:
@@ -356,9 +356,8 @@ def _report_orphans(orphans: list[dict], path: str, split: str, report: DataRepo
     logged, as the check counts the boxes it drops."""
     if not orphans:
         return
-    for annotation in orphans:
-        if report is not None:
-            report.add(split, "annotation_orphan", annotation["id"])
+    for annotation in orphans if report is not None else []:
+        report.add(split, "annotation_orphan", annotation["id"])
     logger.warning("%s: %d annotation(s) refer to no image of 'images' and are dropped (e.g. annotation id %s with "
                    "image_id %s).", path, len(orphans), ", ".join(str(a["id"]) for a in orphans[:5]),
                    ", ".join(repr(a["image_id"]) for a in orphans[:5]))
