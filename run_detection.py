@@ -30,6 +30,7 @@ from modeling_dit_detection.image_processing_dit_detection import load_rgb
 from modeling_dit_detection.training.data import (
     DataReport,
     DetectionTransform,
+    check_object_counts,
     clean_split,
     coco_ground_truth,
     collate_fn,
@@ -195,26 +196,37 @@ class PreparedData:
 
 def prepare_data(data_args: DataArguments, training_args: TrainingArguments) -> PreparedData:
     """Load the data, then check once the records that will be used (limits applied first). Each step runs on the
-    main process first, so downloads, caches and the check's cache files are made once per machine."""
+    main process first, so downloads, caches and the check's cache files are made once per machine. A limit below 1
+    is refused before anything is read; a split that the check leaves empty is an error."""
+    for flag in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be a positive number of images (or left out for all of them); got "
+                             f"{value}, which leaves nothing to use.")
+    report = DataReport()  # loading counts what it drops (COCO annotations of no image), the check its fixes
     with training_args.main_process_first(desc="loading the data"):
-        dataset, id2label, category_ids, name = load_data(data_args, training_args.seed)
+        dataset, id2label, category_ids, name = load_data(data_args, training_args.seed, report)
     if "validation" not in dataset:
         raise ValueError("The data has no validation split: give one, or hold out part of train with "
                          "--validation_split_percentage (e.g. 0.15).")
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
               "test": data_args.max_eval_samples}
-    report = DataReport()
     with training_args.main_process_first(desc="validating the data"):
         for split in list(dataset):  # only the records that will be used are checked
             dataset[split] = clean_split(select(dataset[split], limits[split]), len(id2label), split, report,
                                          skip_bad_images=data_args.skip_bad_images,
                                          num_proc=data_args.preprocessing_num_workers)
     logger.info("Data check:\n%s", report.summary())
+    for split in dataset:  # e.g. every image undecodable or too small, and skipped: nothing to train or score on
+        if len(dataset[split]) == 0:
+            raise ValueError(f"The {split!r} split is empty after the data check: nothing to train or evaluate "
+                             f"on.\n{report.summary()}")
     return PreparedData(dataset, id2label, category_ids, report, name)
 
 
-def load_data(data_args: DataArguments, seed: int):
-    """(DatasetDict with train / validation / maybe test, id2label, category_ids, dataset name for the card)."""
+def load_data(data_args: DataArguments, seed: int, report: DataReport | None = None):
+    """(DatasetDict with train / validation / maybe test, id2label, category_ids, dataset name for the card); what
+    loading drops is counted in `report`."""
     if data_args.dataset_name or data_args.coco_annotations:
         coco = _split_paths(data_args.coco_annotations, "--coco_annotations") if data_args.coco_annotations else None
         image_dir = data_args.image_dir
@@ -223,7 +235,7 @@ def load_data(data_args: DataArguments, seed: int):
         dataset, id2label, category_ids = load_detection_dataset(
             dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
             coco_annotations=coco, image_dir=image_dir, bbox_format=data_args.bbox_format,
-            validation_split_percentage=data_args.validation_split_percentage, seed=seed)
+            validation_split_percentage=data_args.validation_split_percentage, seed=seed, report=report)
         name = data_args.dataset_name or Path(next(iter(coco.values()))).stem
         return dataset, id2label, category_ids, name
     logger.info("No dataset given: using the built-in synthetic shapes (%d train, %d validation, %d test images).",
@@ -236,14 +248,21 @@ def load_data(data_args: DataArguments, seed: int):
 
 
 def _split_paths(value: str, option: str) -> dict[str, str]:
-    """'train=a,validation=b' -> {"train": "a", "validation": "b"}; a lone path is the train split's."""
-    parts = [part.split("=", 1) for part in value.split(",")]
-    if len(parts) == 1 and len(parts[0]) == 1:
+    """'train=a,validation=b' -> {"train": "a", "validation": "b"}; a lone path is the train split's. Spaces around
+    the parts are ignored; an empty path, or a split given twice (val is validation), is an error naming `option`."""
+    parts = [[piece.strip() for piece in part.split("=", 1)] for part in value.split(",")]
+    if len(parts) == 1 and len(parts[0]) == 1 and parts[0][0]:
         return {"train": parts[0][0]}
     if not all(len(part) == 2 and part[0] in ("train", "validation", "val", "test") and part[1] for part in parts):
         raise ValueError(f"{option} {value!r}: give one path, or split=path pairs separated by commas "
                          "(splits: train, validation, test).")
-    return {"validation" if split == "val" else split: path for split, path in parts}
+    paths = {}
+    for split, path in parts:
+        split = "validation" if split == "val" else split
+        if split in paths:  # the later path would silently win
+            raise ValueError(f"{option} {value!r}: the {split} split is given twice.")
+        paths[split] = path
+    return paths
 
 
 def model_overrides(model_args: ModelArguments) -> dict:
@@ -323,6 +342,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
                              fold_conditioning=model_args.fold_conditioning, token=training_args.hub_token,
                              image_sizes=list(zip(train["height"], train["width"])))
     model, base_model = detector.model, model_args.model_name_or_path
+    check_object_counts(train, model.config.num_queries, "train")  # objects beyond num_queries are never matched
     processor = DiTDetectionImageProcessor(size=dict(zip(("height", "width"), model.config.image_size)),
                                            size_divisor=model.config.backbone_stride)
     plan = stage_plan(stage_args, training_args, detector.pretrained_backbone)

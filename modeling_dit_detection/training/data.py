@@ -6,7 +6,8 @@
 
 The canonical schema is cppe-5's plus what COCO evaluation needs. One record:
 
-    image_id  int64   the source's own id (COCO's `images[].id`), unique within a split after the check
+    image_id  int64   the source's own integer id (COCO's `images[].id`; the row where ids are absent or strings),
+                      unique within a split after the check
     image     datasets.Image()
     width     int32   pixels of the displayed image (after EXIF orientation)
     height    int32
@@ -60,6 +61,12 @@ _UNDECODED_FEATURES = Features({**CANONICAL_FEATURES, "image": Image(decode=Fals
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
 SPLITS = ("train", "validation", "test")
 BBOX_FORMATS = ("coco", "pascal_voc", "yolo")
+# Images with a side under this many pixels are bad images (an error, or skipped with --skip_bad_images): they hold
+# nothing a detector can learn, and torchvision's RandomIoUCrop divides by a crop side that rounds to 0 pixels on them
+# (ZeroDivisionError at a random training step; below 4 pixels at its min_scale 0.3). 8 leaves a margin.
+MIN_IMAGE_SIDE = 8
+# Issues of `_clean_record` that drop the record (with skip_bad_images; else they are errors).
+_SKIPPED_ISSUES = ("bad_image", "image_too_small")
 # EXIF orientations 5-8 include a 90 degree rotation: `ImageOps.exif_transpose` swaps width and height.
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)
 
@@ -73,7 +80,7 @@ def load_detection_dataset(dataset_name: str | None = None, dataset_config_name:
                            image_dir: str | dict[str, str] | None = None,
                            bbox_format: str = "coco", validation_split_percentage: float = 0.15, seed: int = 42,
                            cache_dir: str | None = None, token: str | bool | None = None,
-                           ) -> tuple[DatasetDict, dict[int, str], list[int]]:
+                           report: DataReport | None = None) -> tuple[DatasetDict, dict[int, str], list[int]]:
     """
     Load a detection dataset into the canonical schema (module docstring).
 
@@ -83,13 +90,16 @@ def load_detection_dataset(dataset_name: str | None = None, dataset_config_name:
     `image_dir` (one folder, or {split: folder} as in COCO's train2017/ val2017/; default: the json's folder).
     COCO category ids are mapped to labels 0..K-1 in ascending id order (`category_ids` keeps the ids); crowd
     annotations are kept with `iscrowd=1` (COCO evaluation ignores detections on them; training never sees them),
-    with the annotation `area` and the original image ids.
+    with the annotation `area` and the original image ids (string ids: the image's position in the file). A malformed
+    COCO json is a `ValueError` naming the file, the record and the field; annotations of no image are dropped and
+    counted in `report`.
 
     Args:
         bbox_format: how the source's boxes are written: "coco" (x, y, w, h pixels), "pascal_voc" (x0, y0, x1, y1
             pixels) or "yolo" (cx, cy, w, h normalised to 0..1 by the image size). Output is always COCO pixels.
         validation_split_percentage: fraction (0..1) of train carved out, with `seed`, when there is no validation
             split; 0 leaves it absent.
+        report: where what loading drops is counted (COCO annotations of no image), as `clean_split` counts its fixes.
 
     Returns:
         (splits among "train", "validation", "test"; id2label {0..K-1: name}; category_ids, the source's id of
@@ -101,7 +111,7 @@ def load_detection_dataset(dataset_name: str | None = None, dataset_config_name:
         raise ValueError("Give exactly one of dataset_name and coco_annotations.")
     category_ids = None
     if coco_annotations is not None:
-        raw, category_ids = _load_coco(coco_annotations, image_dir)
+        raw, category_ids = _load_coco(coco_annotations, image_dir, report)
     elif os.path.isfile(os.path.join(dataset_name, "dataset_dict.json")) or os.path.isfile(
             os.path.join(dataset_name, "state.json")):
         raw = datasets.load_from_disk(dataset_name)
@@ -125,11 +135,20 @@ def prepare_detection_dataset(raw: Dataset | DatasetDict, bbox_format: str = "co
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}.")
     if not 0 <= validation_split_percentage < 1:
         raise ValueError(f"validation_split_percentage is a fraction in [0, 1), got {validation_split_percentage}.")
-    splits, id2label = _canonicalize(_rename_splits(raw), bbox_format)
+    renamed = _rename_splits(raw)
+    for name, split in renamed.items():  # an empty split trains or scores nothing: say so, not an Arrow error later
+        if len(split) == 0:
+            raise ValueError(f"The {name!r} split has no records.")
+    splits, id2label = _canonicalize(renamed, bbox_format)
     category_ids = list(range(len(id2label))) if category_ids is None else [int(c) for c in category_ids]
     if len(category_ids) != len(id2label) or len(set(category_ids)) != len(category_ids):
         raise ValueError(f"category_ids {category_ids} must give one distinct id per label of {id2label}.")
     if "validation" not in splits and validation_split_percentage > 0:
+        held_out = math.ceil(validation_split_percentage * len(splits["train"]))  # as `train_test_split` counts
+        if held_out >= len(splits["train"]):
+            raise ValueError(f"The train split has {len(splits['train'])} record(s): too few to hold out "
+                             f"{validation_split_percentage} of them for validation and train on the rest; give a "
+                             "validation split.")
         carved = splits["train"].train_test_split(test_size=validation_split_percentage, seed=seed)
         splits["train"], splits["validation"] = carved["train"], carved["test"]
     return splits, id2label, category_ids
@@ -154,39 +173,195 @@ def _rename_splits(raw: Dataset | DatasetDict) -> DatasetDict:
 
 
 def _load_coco(coco_annotations: dict[str, str], image_dir: str | dict[str, str] | None,
-               ) -> tuple[DatasetDict, list[int]]:
+               report: DataReport | None = None) -> tuple[DatasetDict, list[int]]:
     """COCO instances jsons -> (one `Dataset` per split, categories as a `ClassLabel` over labels 0..K-1; the COCO
-    category id of each label). Everything COCO evaluation reads is kept: image ids, crowd flags, annotation areas."""
+    category id of each label). Everything COCO evaluation reads is kept: image ids, crowd flags, annotation areas.
+
+    Every field read is checked first (`_coco_*`): a malformed file is a `ValueError` naming the file, the record and
+    the field, a missing one a `FileNotFoundError`. Two images with one id are an error (their annotations cannot be
+    attributed); an annotation whose image_id is no image's is dropped, counted in `report` ("annotation_orphan",
+    with annotation ids as examples) and logged."""
     splits, categories = {}, None
     for split, path in coco_annotations.items():
-        with open(path) as file:
-            coco = json.load(file)
-        split_categories = sorted((c["id"], c["name"]) for c in coco["categories"])
+        coco = _read_coco_json(path)
+        split_categories = _coco_categories(coco["categories"], path)
         if categories is None:
             categories = split_categories
         elif split_categories != categories:
             raise ValueError(f"{path}: categories differ from the other splits' ({categories}).")
         index = {category_id: i for i, (category_id, _) in enumerate(categories)}
-        by_image = defaultdict(list)
-        for ann in coco["annotations"]:
-            if ann["category_id"] not in index:
-                raise ValueError(f"{path}: annotation {ann.get('id')} has category_id {ann['category_id']}, "
-                                 f"not among the categories {sorted(index)}.")
-            by_image[ann["image_id"]].append(ann)
+        image_ids = _coco_image_ids(coco["images"], path)
+        by_image, orphans = defaultdict(list), []
+        for position, ann in enumerate(coco["annotations"]):
+            ann = _coco_annotation(ann, position, path, index)
+            if ann["image_id"] in image_ids:
+                by_image[image_ids[ann["image_id"]]].append(ann)
+            else:
+                orphans.append(ann)
+        _report_orphans(orphans, path, split, report)
         root = image_dir.get(split) if isinstance(image_dir, dict) else image_dir
         root = root if root is not None else os.path.dirname(os.path.abspath(path))
-        rows = [{"image_id": image["id"], "image": os.path.join(root, image["file_name"]),
-                 "width": image.get("width"), "height": image.get("height"),
+        rows = [{"image_id": image_ids[image["id"]], "image": os.path.join(root, image["file_name"]),
+                 "width": _pixels(image.get("width")), "height": _pixels(image.get("height")),
                  "objects": {"id": [a["id"] for a in anns],
-                             "area": [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns],
+                             "area": [_area(a) for a in anns],
                              "bbox": [a["bbox"] for a in anns], "category": [index[a["category_id"]] for a in anns],
                              "iscrowd": [int(bool(a.get("iscrowd", 0))) for a in anns]}}
-                for image in coco["images"] for anns in [by_image.get(image["id"], [])]]
+                for image in coco["images"] for anns in [by_image.get(image_ids[image["id"]], [])]]
         names = [name for _, name in categories]
         features = Features({**CANONICAL_FEATURES,
                              "objects": {**OBJECT_FEATURES, "category": List(ClassLabel(names=names))}})
         splits[split] = Dataset.from_list(rows, features=features)
     return DatasetDict(splits), [category_id for category_id, _ in categories]
+
+
+# What a COCO json's records must hold. Checked before anything reads them, so a malformed file ends in one error that
+# names the file, the record and the field, not in a KeyError from deep inside.
+def _is_int(value) -> bool:
+    """An id the records can hold (int64); JSON true/false are not ids."""
+    return isinstance(value, int) and not isinstance(value, bool) and -2 ** 63 <= value < 2 ** 63
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_side(value) -> bool:
+    """A stored image side the records can hold (int32 pixels); NaN fails the comparison."""
+    return _is_number(value) and 0 <= value < 2 ** 31
+
+
+def _is_area(value) -> bool:
+    return _is_number(value) and 0 <= value < math.inf  # NaN fails the comparison
+
+
+def _is_box(value) -> bool:
+    return isinstance(value, list) and len(value) == 4 and all(_is_number(v) for v in value)
+
+
+def _is_name(value) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _coco_field(record: dict, key: str, where: str, valid, expected: str, optional: bool = False):
+    """`record[key]` if `valid` (absent or null is fine when `optional`: then None); else a ValueError at `where`."""
+    value = record.get(key)
+    if (optional and value is None) or (key in record and valid(value)):
+        return value
+    got = "it is missing" if key not in record else f"got {value!r}"
+    raise ValueError(f"{where}: field {key!r} must be {expected}; {got}.")
+
+
+def _coco_record(record, position: int, part: str, path: str) -> tuple[dict, str]:
+    """(record, where): `part`[position] of the file, checked to be an object, and the text that names it in errors,
+    e.g. "a.json: images[3] (id 7)"."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: {part}[{position}] must be a JSON object; got {record!r}.")
+    label = f" (id {record['id']!r})" if isinstance(record.get("id"), (int, str)) else ""
+    return record, f"{path}: {part}[{position}]{label}"
+
+
+def _read_coco_json(path: str) -> dict:
+    """The COCO json at `path`: an object with `images`, `annotations` and `categories` lists, images and categories
+    not empty."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a folder, not a COCO annotations json.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such COCO annotations file.")
+    try:
+        with open(path, encoding="utf-8-sig") as file:  # -sig: a byte-order mark, as some Windows tools write, is fine
+            coco = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}).") from None
+    if not isinstance(coco, dict):
+        raise ValueError(f"{path}: a COCO instances file is a JSON object with 'images', 'annotations' and "
+                         f"'categories'; got a {type(coco).__name__}.")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise ValueError(f"{path}: no {key!r} list (a COCO instances file has 'images', 'annotations' and "
+                             f"'categories'); keys: {sorted(coco)}.")
+    for key in ("images", "categories"):  # nothing to train on, or no class to learn
+        if not coco[key]:
+            raise ValueError(f"{path}: {key!r} is empty.")
+    return coco
+
+
+def _coco_categories(categories: list, path: str) -> list[tuple[int, str]]:
+    """[(id, name)] in ascending id order; ids are ints, ids and names unique (each is one class)."""
+    seen_ids, seen_names = {}, {}
+    for position in range(len(categories)):
+        category, where = _coco_record(categories[position], position, "categories", path)
+        category_id = _coco_field(category, "id", where, _is_int, "an integer (64-bit)")
+        name = _coco_field(category, "name", where, _is_name, "a non-empty string")
+        if category_id in seen_ids:
+            raise ValueError(f"{where}: field 'id' {category_id} is already categories[{seen_ids[category_id]}]'s.")
+        if name in seen_names:
+            raise ValueError(f"{where}: field 'name' {name!r} is already categories[{seen_names[name]}]'s "
+                             "(one name per class).")
+        seen_ids[category_id], seen_names[name] = position, position
+    return sorted((category["id"], category["name"]) for category in categories)
+
+
+def _coco_image_ids(images: list, path: str) -> dict:
+    """{the json's image id: the record's int image_id}, once each image is checked. Ids are unique: two images with
+    one id would share their annotations. Integer ids are kept; string ids (allowed by some exporters) number the images
+    0..N-1 in file order, as for other sources without integer ids, and the change is logged."""
+    seen = {}
+    for position in range(len(images)):
+        image, where = _coco_record(images[position], position, "images", path)
+        image_id = _coco_field(image, "id", where, lambda v: _is_int(v) or isinstance(v, str),
+                               "an integer (64-bit) or a string")
+        _coco_field(image, "file_name", where, _is_name, "a non-empty string (the image's path)")
+        for key in ("width", "height"):  # optional: the check reads the size from the image anyway
+            _coco_field(image, key, where, _is_side, "a number of pixels", optional=True)
+        if image_id in seen:
+            raise ValueError(f"{where}: field 'id' {image_id!r} is also images[{seen[image_id]}]'s: the annotations "
+                             "of that id cannot be attributed to one image. Give every image its own id.")
+        seen[image_id] = position
+    if all(_is_int(image_id) for image_id in seen):
+        return {image_id: image_id for image_id in seen}
+    logger.warning("%s: image ids are not all integers (e.g. %r): the records number the images 0..%d in the "
+                   "file's order.", path, next(i for i in seen if not _is_int(i)), len(images) - 1)
+    return seen
+
+
+def _coco_annotation(annotation, position: int, path: str, index: dict[int, int]) -> dict:
+    """`annotation` once checked: int id, an image_id, a category_id among the categories, a bbox of 4 numbers,
+    optional numeric area and 0/1 iscrowd. Box values themselves (NaN, negative size, outside) are the check's."""
+    annotation, where = _coco_record(annotation, position, "annotations", path)
+    _coco_field(annotation, "id", where, _is_int, "an integer (64-bit)")
+    _coco_field(annotation, "image_id", where, lambda v: _is_int(v) or isinstance(v, str), "an image's id")
+    category_id = _coco_field(annotation, "category_id", where, _is_int, "an integer (a category's id)")
+    if category_id not in index:
+        raise ValueError(f"{where}: field 'category_id': annotation {annotation['id']} has category_id {category_id}, "
+                         f"not among the categories {sorted(index)}.")
+    _coco_field(annotation, "bbox", where, _is_box, "4 numbers [x, y, width, height]")
+    _coco_field(annotation, "area", where, _is_area, "a finite number >= 0 (pixels^2)", optional=True)
+    _coco_field(annotation, "iscrowd", where, lambda v: v in (0, 1), "0 or 1", optional=True)
+    return annotation
+
+
+def _pixels(value: float | None) -> int | None:
+    """A stored image side as an int (a float one is truncated: the check compares it with the image's own size)."""
+    return None if value is None else int(value)
+
+
+def _area(annotation: dict) -> float:
+    """The annotation's area (e.g. of its mask); its box's where it has none (absent or null)."""
+    area = annotation.get("area")
+    return annotation["bbox"][2] * annotation["bbox"][3] if area is None else area
+
+
+def _report_orphans(orphans: list[dict], path: str, split: str, report: DataReport | None) -> None:
+    """Annotations whose image_id is no image's are dropped: counted in `report` (examples: annotation ids) and
+    logged, as the check counts the boxes it drops."""
+    if not orphans:
+        return
+    for annotation in orphans if report is not None else []:
+        report.add(split, "annotation_orphan", annotation["id"])
+    logger.warning("%s: %d annotation(s) refer to no image of 'images' and are dropped (e.g. annotation id %s with "
+                   "image_id %s).", path, len(orphans), ", ".join(str(a["id"]) for a in orphans[:5]),
+                   ", ".join(repr(a["image_id"]) for a in orphans[:5]))
 
 
 def _canonicalize(splits: DatasetDict, bbox_format: str) -> tuple[DatasetDict, dict[int, str]]:
@@ -207,8 +382,7 @@ def _canonicalize(splits: DatasetDict, bbox_format: str) -> tuple[DatasetDict, d
     if isinstance(category_feature, ClassLabel):
         names = category_feature.names
     else:
-        values = {c for split in splits.values() for objects in split["objects"]
-                  for c in _dict_of_lists(objects).get(key, [])}
+        values = _category_values(splits, key)
         if category_feature.dtype == "string":
             names = sorted(values)
             lookup = {name: i for i, name in enumerate(names)}
@@ -220,11 +394,24 @@ def _canonicalize(splits: DatasetDict, bbox_format: str) -> tuple[DatasetDict, d
     return canonical, dict(enumerate(names))
 
 
+def _category_values(splits: DatasetDict, key: str) -> set:
+    """The categories (names or numbers) the splits' objects use; a null one is an error naming its record (it would
+    otherwise fail to sort, deep inside, or become a class of its own)."""
+    values = set()
+    for name, split in splits.items():
+        for row, objects in enumerate(split["objects"]):
+            for j, category in enumerate(_dict_of_lists(objects).get(key) or []):
+                if category is None:
+                    raise ValueError(f"Split {name!r}, row {row}, object {j}: field {key!r} is null.")
+                values.add(category)
+    return values
+
+
 def _canonical_split(dataset: Dataset, split: str, bbox_format: str, key: str, lookup: dict[str, int] | None,
                      number_objects: bool) -> Dataset:
     """One `map` to the canonical schema: boxes to COCO pixels, categories to ints, missing fields filled."""
     if number_objects:  # no object ids: number the objects of the split 0, 1, ... in row order
-        lengths = [len(_dict_of_lists(objects).get("bbox", [])) for objects in dataset["objects"]]
+        lengths = [len(_dict_of_lists(objects).get("bbox") or []) for objects in dataset["objects"]]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
 
     def convert(example, index):
@@ -235,13 +422,13 @@ def _canonical_split(dataset: Dataset, split: str, bbox_format: str, key: str, l
             # or refer to the image before its EXIF rotation.
             width, height = _displayed_size_or_zero(example["image"])
         boxes = []
-        for j, box in enumerate(objects.get("bbox", [])):
+        for j, box in enumerate(objects.get("bbox") or []):  # a null list: no objects
             if box is None or len(box) != 4:
                 raise ValueError(f"Split {split!r}, row {index}, image_id {example.get('image_id', index)}, "
                                  f"object {j}: bbox must be 4 numbers, got {box!r}.")
             boxes.append(_to_coco([math.nan if v is None else float(v) for v in box], bbox_format, width, height))
-        categories = objects.get(key, [])
-        ids = objects.get("id", []) if not number_objects else list(range(offsets[index], offsets[index] + len(boxes)))
+        categories = objects.get(key) or []
+        ids = list(range(offsets[index], offsets[index] + len(boxes))) if number_objects else objects.get("id") or []
         image_id = example.get("image_id", index)
         if not isinstance(image_id, int) or isinstance(image_id, bool):  # e.g. file names: the row index serves
             image_id = index
@@ -305,7 +492,9 @@ def _displayed_size_or_zero(value: dict | None) -> tuple[int, int]:
 class DataReport:
     """What the cleaning pass fixed or skipped: `counts[(split, issue)]`, and the first image_ids per issue.
 
-    Issues: "bad_image" (skipped), "exif_transposed", "size_fixed" (stored width/height were wrong), "box_clipped",
+    Issues: "bad_image" (skipped: undecodable), "image_too_small" (skipped: a side under MIN_IMAGE_SIDE pixels),
+    "annotation_orphan" (a COCO annotation whose image_id is no image's: dropped when loading; examples are
+    annotation ids), "exif_transposed", "size_fixed" (stored width/height were wrong), "box_clipped",
     "box_outside", "box_empty" (w or h <= 0), "box_non_finite" (dropped), "no_objects" (kept: nothing but crowd
     regions, if anything, to train on), "image_id_duplicate" (given a new id: COCO evaluation needs one id per image
     of a split) and "mode_<MODE>" for images that are not RGB. Box issues count boxes, the others count images.
@@ -326,13 +515,14 @@ class DataReport:
         return sum(n for (_, name), n in self.counts.items() if name == issue)
 
     def summary(self) -> str:
-        """One line per (split, issue): count and the first image_ids."""
+        """One line per (split, issue): count and the first image_ids (annotation ids for annotation issues)."""
         if not self.counts:
             return "Data check: no issues."
         lines = ["Data check:"]
         for (split, issue), n in sorted(self.counts.items()):
             ids = ", ".join(str(i) for i in self.examples[(split, issue)])
-            lines.append(f"  {split}: {issue}: {n} (e.g. image_id {ids})")
+            kind = "annotation id" if issue.startswith("annotation_") else "image_id"
+            lines.append(f"  {split}: {issue}: {n} (e.g. {kind} {ids})")
         return "\n".join(lines)
 
 
@@ -348,7 +538,8 @@ def clean_split(dataset: Dataset, num_labels: int, split: str, report: DataRepor
     and only the training transform leaves them out. Clipping a crowd region (the one fix a usable one can get)
     changes no evaluation: COCO's overlap of a detection with it is the part of the detection inside it, detections
     lie in the image, and a crowd region's area is never read (it is ignored in every size bucket). Raises `ValueError` naming split, row and image_id for an
-    undecodable image (unless `skip_bad_images`: then the record is dropped and counted), a category outside
+    undecodable image or one with a side under MIN_IMAGE_SIDE pixels (unless `skip_bad_images`: then the record is
+    dropped and counted), a category outside
     0..num_labels-1, or object lists of unequal length. This is the one check: nothing downstream re-checks a record.
     """
     undecoded = dataset.cast_column("image", Image(decode=False))
@@ -360,12 +551,31 @@ def clean_split(dataset: Dataset, num_labels: int, split: str, report: DataRepor
     for row, (image_id, issues) in enumerate(zip(checked["image_id"], checked["_issues"])):
         for issue in issues:
             report.add(split, issue, image_id)
-        if "bad_image" not in issues:
+        if not any(issue in _SKIPPED_ISSUES for issue in issues):
             keep.append(row)
     if len(keep) < len(checked):
         checked = checked.select(keep)
     checked = _unique_image_ids(checked.remove_columns("_issues"), split, report)
     return checked.cast_column("image", Image())
+
+
+def check_object_counts(dataset: Dataset, num_queries: int, split: str) -> int:
+    """Warn if images of a checked split have more training targets than the model has queries (`num_queries`): each
+    query matches at most one object, so the surplus is never learned. Crowd regions are not targets and do not count.
+    Returns how many images exceed it. Images are not decoded."""
+    exceeding, records = [], dataset.select_columns(["image_id", "objects"])
+    for image_id, objects in zip(records["image_id"], records["objects"]):
+        crowd = objects.get("iscrowd") or [0] * len(objects["bbox"])
+        targets = len(crowd) - sum(bool(c) for c in crowd)
+        if targets > num_queries:
+            exceeding.append((image_id, targets))
+    if exceeding:
+        largest = max(count for _, count in exceeding)
+        logger.warning("%d %s images have more objects than the model's %d queries (up to %d; e.g. image_id %s): the "
+                       "objects beyond %d per image can never be matched. Give --num_queries %d or more to learn them "
+                       "all.", len(exceeding), split, num_queries, largest,
+                       ", ".join(str(image_id) for image_id, _ in exceeding[:5]), num_queries, largest)
+    return len(exceeding)
 
 
 def _unique_image_ids(dataset: Dataset, split: str, report: DataReport) -> Dataset:
@@ -390,7 +600,7 @@ def _clean_record(example: dict, index: int, num_labels: int, split: str, skip_b
     if len(set(lengths.values())) > 1:
         raise ValueError(f"{where}: the objects' lists differ in length {lengths} (one category per bbox expected).")
     for j, category in enumerate(objects["category"]):
-        if not 0 <= category < num_labels:
+        if not isinstance(category, int) or not 0 <= category < num_labels:  # a null one too
             raise ValueError(f"{where}, object {j}: category {category} outside 0..{num_labels - 1}.")
     try:
         image = _open_image(example["image"])
@@ -399,11 +609,16 @@ def _clean_record(example: dict, index: int, num_labels: int, split: str, skip_b
         if not skip_bad_images:
             raise ValueError(f"{where}: cannot decode the image ({type(error).__name__}: {error}).") from error
         return {"_issues": ["bad_image"]}
+    width, height = _displayed_size(image)  # boxes refer to the displayed image
+    if min(width, height) < MIN_IMAGE_SIDE:  # the augmentation's crop fails on it at a random step: stop it here
+        if not skip_bad_images:
+            raise ValueError(f"{where}: the image is {width}x{height} pixels, under the minimum side of "
+                             f"{MIN_IMAGE_SIDE} (--skip_bad_images skips such images).")
+        return {"_issues": ["image_too_small"]}
 
     issues = [] if image.mode == "RGB" else [f"mode_{image.mode}"]
     if image.getexif().get(PIL.Image.ExifTags.Base.Orientation, 1) != 1:
         issues.append("exif_transposed")
-    width, height = _displayed_size(image)  # boxes refer to the displayed image
     if (example["width"], example["height"]) not in ((width, height), image.size):  # image.size: before transpose
         issues.append("size_fixed")
 
@@ -607,6 +822,7 @@ def coco_ground_truth(dataset: Dataset, id2label: dict[int, str], category_ids: 
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-__all__ = ["AUGMENTATIONS", "CANONICAL_FEATURES", "DataReport", "DetectionTransform", "clean_split",
+__all__ = ["AUGMENTATIONS", "CANONICAL_FEATURES", "DataReport", "DetectionTransform", "MIN_IMAGE_SIDE",
+           "check_object_counts", "clean_split",
            "coco_ground_truth", "collate_fn", "load_detection_dataset", "make_train_augmentation",
            "prepare_detection_dataset", "processor_resize", "processor_size"]
