@@ -125,7 +125,8 @@ class DataArguments:
         "help": "Training augmentation: strong (flip, zoom out, IoU-safe crop, colour jitter), light (flip, colour "
                 "jitter) or none. Default: strong; light for the built-in data.", "choices": ["strong", "light", "none"]})
     skip_bad_images: bool = field(default=False, metadata={
-        "help": "Skip (and count) images that cannot be decoded instead of stopping with an error."})
+        "help": "Skip (and count) images that cannot be decoded or are smaller than 8 pixels on a side, instead of "
+                "stopping with an error that names the record."})
     preprocessing_num_workers: int | None = field(default=None, metadata={
         "help": "Processes for the validation pass over the data."})
     synthetic_train_size: int = field(default=2000, metadata={"help": "Built-in data: training images."})
@@ -198,11 +199,7 @@ def prepare_data(data_args: DataArguments, training_args: TrainingArguments) -> 
     """Load the data, then check once the records that will be used (limits applied first). Each step runs on the
     main process first, so downloads, caches and the check's cache files are made once per machine. A limit below 1
     is refused before anything is read; a split that the check leaves empty is an error."""
-    for flag in ("max_train_samples", "max_eval_samples"):
-        value = getattr(data_args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag} must be a positive number of images (or left out for all of them); got "
-                             f"{value}, which leaves nothing to use.")
+    check_sample_limits(data_args)
     report = DataReport()  # loading counts what it drops (COCO annotations of no image), the check its fixes
     with training_args.main_process_first(desc="loading the data"):
         dataset, id2label, category_ids, name = load_data(data_args, training_args.seed, report)
@@ -222,6 +219,14 @@ def prepare_data(data_args: DataArguments, training_args: TrainingArguments) -> 
             raise ValueError(f"The {split!r} split is empty after the data check: nothing to train or evaluate "
                              f"on.\n{report.summary()}")
     return PreparedData(dataset, id2label, category_ids, report, name)
+
+
+def check_sample_limits(data_args: DataArguments) -> None:
+    for flag in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be a positive number of images (or left out for all of them); got "
+                             f"{value}, which leaves nothing to use.")
 
 
 def load_data(data_args: DataArguments, seed: int, report: DataReport | None = None):
@@ -325,6 +330,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     """The whole job; returns the metrics also written to all_results.json. `callbacks` go to every stage's Trainer."""
     overrides = model_overrides(model_args)  # argument errors first, before any data or model is loaded
     stage_plan(stage_args, training_args, pretrained_backbone=model_args.model_name_or_path is not None)
+    check_sample_limits(data_args)
     prepare_output_dir(training_args, stage_args.overwrite_output_dir, model_args.model_name_or_path)
     set_seed(training_args.seed)
     started = time.time()
