@@ -388,10 +388,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
             model_name=output_dir.name, dataset_name=data.name, metrics=metrics,
             repo_id=training_args.hub_model_id or output_dir.name, base_model=base_model,
             num_train_images=len(train), num_eval_images=len(validation),
-            stage_plan=plan, data_report=data.report.summary().replace("\n", "; "),
-            hyperparameters={key: getattr(training_args, key) for key in (
-                "learning_rate", "per_device_train_batch_size", "num_train_epochs", "weight_decay",
-                "lr_scheduler_type", "warmup_steps", "max_grad_norm", "seed")},
+            stage_plan=plan, data_report="; ".join(line.strip() for line in data.report.summary().splitlines()[1:]),
+            hyperparameters={key: getattr(getattr(training_args, key), "value", getattr(training_args, key))
+                             for key in ("learning_rate", "per_device_train_batch_size", "num_train_epochs",
+                                         "max_steps", "weight_decay", "lr_scheduler_type", "warmup_steps",
+                                         "max_grad_norm", "seed")},
             compute_description=_compute_description(training_args, metrics["train_minutes"]))
         render_model_card(model.config, summary, CARD_TEMPLATE).save(output_dir / "README.md")
         if training_args.push_to_hub:

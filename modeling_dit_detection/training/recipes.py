@@ -59,9 +59,10 @@ class StagePlan:
     def describe(self) -> str:
         unit = "steps" if self.in_steps else "epochs"
         scope = "the whole DiT" if self.unfreeze_last_blocks is None else f"its last {self.unfreeze_last_blocks} blocks"
-        return (f"recipe {self.recipe}: stage one {self.stage_one:g} {unit} on a frozen backbone, stage two "
-                f"{self.stage_two:g} {unit} training {scope} (last block at lr {self.backbone_learning_rate:g}, "
-                f"layer decay {self.layer_decay:g})")
+        frozen = (f"stage one {self.stage_one:g} {unit} on a frozen backbone, stage two" if self.stage_one > 0
+                  else "no frozen stage,")
+        return (f"recipe {self.recipe}: {frozen} {self.stage_two:g} {unit} training {scope} (last block at lr "
+                f"{self.backbone_learning_rate:g}, layer decay {self.layer_decay:g})")
 
 
 def plan_stages(pretrained_backbone: bool, learning_rate: float, num_train_epochs: float, max_steps: int = -1,
