@@ -174,10 +174,8 @@ class DiTBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     def _validate_geometry(self) -> None:
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size", "in_channels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        check_positive_integers(self, ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size",
+                                       "in_channels"))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}.")
@@ -207,6 +205,14 @@ class DiTBackboneConfig(BackboneConfigMixin, PretrainedConfig):
                              f"{self.beta_end}.")
         if self.base_grid_size < 1:
             raise ValueError(f"base_grid_size must be >= 1, got {self.base_grid_size}.")
+
+
+def check_positive_integers(config: PretrainedConfig, names: tuple[str, ...]) -> None:
+    """Raise a `ValueError` naming the first of `names` whose value is not a positive int (bools are not ints here)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _pair(size) -> list[int]:

@@ -8,7 +8,7 @@ import logging
 
 from transformers import PretrainedConfig
 
-from .configuration_dit_backbone import DIT_PRESETS, DiTBackboneConfig, _pair
+from .configuration_dit_backbone import DIT_PRESETS, DiTBackboneConfig, _pair, check_positive_integers
 
 logger = logging.getLogger(__name__)
 
@@ -173,11 +173,8 @@ class DiTDetectionConfig(PretrainedConfig):
         return self.backbone_config.backbone_stride
 
     def _validate(self) -> None:
-        for name in ("d_model", "num_queries", "num_query_groups", "decoder_layers", "decoder_attention_heads",
-                     "decoder_ffn_dim", "decoder_n_points"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        check_positive_integers(self, ("d_model", "num_queries", "num_query_groups", "decoder_layers",
+                                       "decoder_attention_heads", "decoder_ffn_dim", "decoder_n_points"))
         if self.d_model % self.decoder_attention_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by decoder_attention_heads "
                              f"{self.decoder_attention_heads}.")

@@ -33,12 +33,6 @@ def random_labels(batch_size: int, num_labels: int, boxes_per_image=(2, 0), seed
 def coco_map(predictions: list[dict], labels: list[dict], image_size: tuple[int, int], num_labels: int) -> dict:
     """COCO box mAP from the reference code (pycocotools) for post-processed `predictions` (x0, y0, x1, y1 pixels)
     against `labels` (cx, cy, w, h normalised); returns {"map", "map_50", "map_75"}."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     height, width = image_size
     scale = torch.tensor([width, height, width, height], dtype=torch.float32)
     ground_truth = {"images": [{"id": i, "height": height, "width": width} for i in range(len(labels))],
@@ -53,7 +47,19 @@ def coco_map(predictions: list[dict], labels: list[dict], image_size: tuple[int,
                   for image_id, result in enumerate(predictions)
                   for score, label, (x0, y0, x1, y1) in zip(result["scores"].tolist(), result["labels"].tolist(),
                                                             result["boxes"].tolist())]
-    with contextlib.redirect_stdout(io.StringIO()):
+    stats = cocoeval_stats(ground_truth, detections)
+    return {"map": stats[0], "map_50": stats[1], "map_75": stats[2]}
+
+
+def cocoeval_stats(ground_truth: dict, detections: list[dict]):
+    """pycocotools' 12 summary stats of COCO `detections` (results format) against a COCO `ground_truth` dict."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its progress and table
         coco = COCO()
         coco.dataset = ground_truth
         coco.createIndex()
@@ -61,7 +67,7 @@ def coco_map(predictions: list[dict], labels: list[dict], image_size: tuple[int,
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    return {"map": evaluation.stats[0], "map_50": evaluation.stats[1], "map_75": evaluation.stats[2]}
+    return evaluation.stats
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,6 +6,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import cocoeval_stats
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from transformers import EvalPrediction
@@ -282,15 +283,7 @@ def _pycocotools(ground_truth, images) -> dict:
                                                    detection["labels"].tolist()):
             results.append({"image_id": int(labels["image_id"]), "category_id": CATEGORY_IDS[label], "score": score,
                             "bbox": [x0, y0, x1 - x0, y1 - y0]})
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = ground_truth
-        coco.createIndex()
-        evaluation = COCOeval(coco, coco.loadRes(results), "bbox")
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    return dict(zip(SUMMARY_KEYS, evaluation.stats))
+    return dict(zip(SUMMARY_KEYS, cocoeval_stats(ground_truth, results)))
 
 
 def test_evaluator_ignores_crowd_regions_and_buckets_by_annotation_area():
