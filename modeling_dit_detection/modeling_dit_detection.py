@@ -328,35 +328,55 @@ class DiTDetectionPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # Children are initialised before their parents, so the special cases below override the generic init.
         super()._init_weights(module)
         init_dit_block(module, self.config.backbone_config.initializer_range)
-        if isinstance(module, MultiScaleDeformableAttention):
-            init.zeros_(module.sampling_offsets.weight)
-            angles = torch.arange(module.n_heads, dtype=torch.float32) * (2.0 * math.pi / module.n_heads)
-            directions = torch.stack([angles.cos(), angles.sin()], -1)
-            directions = directions / directions.abs().max(-1, keepdim=True)[0]
-            # Head h samples along its own direction, point p at distance p + 1: a spread-out initial pattern.
-            grid = directions[:, None, None, :].repeat(1, module.n_levels, module.n_points, 1)
-            grid = grid * torch.arange(1, module.n_points + 1, dtype=torch.float32)[None, None, :, None]
-            init.copy_(module.sampling_offsets.bias, grid.flatten())
-            init.zeros_(module.attention_weights.weight)
-            init.zeros_(module.attention_weights.bias)
-            init.xavier_uniform_(module.value_proj.weight)
-            init.zeros_(module.value_proj.bias)
-            init.xavier_uniform_(module.output_proj.weight)
-            init.zeros_(module.output_proj.bias)
-        elif isinstance(module, DiTDetectionDecoder):
-            for box_head in module.box_heads:  # start from "no correction" of the reference boxes
-                init.zeros_(box_head.layers[-1].weight)
-                init.zeros_(box_head.layers[-1].bias)
-        elif isinstance(module, DiTDetectionModel):
-            init.zeros_(module.proposal_box_head.layers[-1].weight)
-            init.zeros_(module.proposal_box_head.layers[-1].bias)
-            init.constant_(module.proposal_class_head.bias, _prior_logit())
-        elif isinstance(module, DiTForObjectDetection):
-            for head in module.class_heads:
-                init.constant_(head.bias, _prior_logit())
+        # transformers treats a module that owns no parameters of its own as initialised when the model is not part of
+        # the library (`PreTrainedModel.is_custom_code`), so `_init_weights` never sees e.g. the decoder or the heads'
+        # parent: each special case is keyed by the layer whose parameters it sets, found through its owner.
+        for owner in self.modules():
+            _init_special_layer(owner, module)
+
+
+def _init_special_layer(owner: nn.Module, layer: nn.Module) -> None:
+    """The initialisation `owner` wants for `layer`, if `layer` is one of its special layers (runs after the generic
+    init of `layer`, so it overrides it)."""
+    if isinstance(owner, MultiScaleDeformableAttention):
+        if layer is owner.sampling_offsets:
+            init.zeros_(layer.weight)
+            init.copy_(layer.bias, _sampling_offset_grid(owner.n_heads, owner.n_levels, owner.n_points))
+        elif layer is owner.attention_weights:
+            init.zeros_(layer.weight)
+            init.zeros_(layer.bias)
+        elif layer is owner.value_proj or layer is owner.output_proj:
+            init.xavier_uniform_(layer.weight)
+            init.zeros_(layer.bias)
+    elif isinstance(owner, DiTDetectionDecoder):
+        if any(layer is box_head.layers[-1] for box_head in owner.box_heads):
+            _init_zero(layer)  # start from "no correction" of the reference boxes
+    elif isinstance(owner, DiTDetectionModel):
+        if layer is owner.proposal_box_head.layers[-1]:
+            _init_zero(layer)  # proposals start at their anchors
+        elif layer is owner.proposal_class_head:
+            init.constant_(layer.bias, _prior_logit())
+    elif isinstance(owner, DiTForObjectDetection):
+        if any(layer is head for head in owner.class_heads):
+            init.constant_(layer.bias, _prior_logit())
+
+
+def _init_zero(layer: nn.Linear) -> None:
+    init.zeros_(layer.weight)
+    init.zeros_(layer.bias)
+
+
+def _sampling_offset_grid(heads: int, levels: int, points: int) -> torch.Tensor:
+    """Bias of the sampling offsets `[heads * levels * points * 2]`: head h samples along its own direction, point p
+    at distance p + 1 (a spread-out initial pattern, as Deformable DETR)."""
+    angles = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
+    directions = torch.stack([angles.cos(), angles.sin()], -1)
+    directions = directions / directions.abs().max(-1, keepdim=True)[0]
+    grid = directions[:, None, None, :].repeat(1, levels, points, 1)
+    grid = grid * torch.arange(1, points + 1, dtype=torch.float32)[None, None, :, None]
+    return grid.flatten()
 
 
 def _prior_logit(prior: float = 0.01) -> float:

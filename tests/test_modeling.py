@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -96,6 +98,36 @@ def test_loss_is_finite_and_reaches_every_trainable_parameter(preset):
         assert parameter.grad is not None, f"{name} got no gradient"
         assert torch.isfinite(parameter.grad).all(), name
         assert parameter.grad.abs().sum() > 0, f"{name} got an all-zero gradient"
+
+
+def _assert_designed_head_init(model):
+    prior_logit = -math.log(99)  # every class starts at probability 0.01
+    heads = [*model.class_heads, model.model.proposal_class_head]
+    assert all(torch.allclose(head.bias, torch.full_like(head.bias, prior_logit)) for head in heads)
+    box_outputs = [*(head.layers[-1] for head in model.model.decoder.box_heads), model.model.proposal_box_head.layers[-1]]
+    assert all(layer.weight.abs().max() == 0 and layer.bias.abs().max() == 0 for layer in box_outputs)
+    attention = model.model.decoder.layers[0].cross_attn
+    assert attention.sampling_offsets.weight.abs().max() == 0 and attention.attention_weights.weight.abs().max() == 0
+    assert attention.sampling_offsets.bias[:4].tolist() == [1.0, 0.0, 2.0, 0.0]  # head 0 samples along +x
+
+
+def test_a_new_detector_starts_from_its_designed_initialisation():
+    # transformers skips `_init_weights` on parameter-less modules of models outside the library; the detector's
+    # special cases (focal-loss prior, "no correction" box layers, deformable sampling grid) must still apply.
+    config = tiny_config()
+    model = DiTForObjectDetection(config)
+    _assert_designed_head_init(model)
+    with torch.no_grad():
+        outputs = model.eval()(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert torch.allclose(outputs.pred_boxes, outputs.init_reference_points, atol=1e-6)  # no refinement yet
+    assert outputs.logits.sigmoid().max() < 0.05
+
+
+def test_heads_reinitialised_for_new_labels_get_the_designed_initialisation(tmp_path):
+    DiTForObjectDetection(tiny_config()).save_pretrained(tmp_path)
+    model = DiTForObjectDetection.from_pretrained(tmp_path, num_labels=7, ignore_mismatched_sizes=True)
+    assert model.class_heads[0].out_features == 7
+    _assert_designed_head_init(model)
 
 
 def test_backbone_blocks_after_the_deepest_tap_are_skipped_unless_states_are_requested():
