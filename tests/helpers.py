@@ -1,4 +1,5 @@
-"""Shared builders for the tests: tiny configs, valid targets, the run_detection.py script as a module."""
+"""Shared builders for the tests: tiny configs, valid targets, the run_detection.py and benchmark scripts as
+modules."""
 
 import importlib.util
 import os
@@ -87,6 +88,15 @@ def load_run_detection():
         sys.modules["run_detection"] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
     return sys.modules["run_detection"]
+
+
+def load_benchmark(name: str):
+    """The script benchmarks/<name>.py as a module; benchmarks/ goes on sys.path, as when the script runs, since the
+    scripts import each other by name."""
+    benchmarks = str(ROOT / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    return importlib.import_module(name)
 
 
 # A few-second run_detection.py job: tiny model, built-in data, 24 training images in batches of 8 (3 steps per

@@ -1,0 +1,81 @@
+"""benchmarks/throughput.py: what it counts and the models it compares, so the benchmark cannot silently break.
+Behaviour only; no timings are asserted."""
+
+import math
+
+import pytest
+import torch
+from helpers import load_benchmark, tiny_config
+
+from modeling_dit_detection import DiTBackbone, DiTForObjectDetection
+from modeling_dit_detection.training.stages import set_trainable
+
+throughput = load_benchmark("throughput")
+
+
+def test_flop_counts_of_a_tiny_detector():
+    model = DiTForObjectDetection(tiny_config())
+    pixels = torch.rand(2, 3, *model.config.image_size) * 2 - 1
+    labels = throughput.random_labels(2, model.config.num_labels, torch.Generator().manual_seed(0))
+    forward = throughput.forward_flops(model, pixels[:1])
+    train = throughput.train_flops(model, pixels, labels)
+    assert forward > 0
+    assert train > 2 * forward  # the backward is counted; training runs all query groups
+    set_trainable(model, train_backbone=False)
+    assert forward < throughput.train_flops(model, pixels, labels) < train  # no backward through a frozen backbone
+
+
+@pytest.fixture(scope="module")
+def small_rows():
+    """The "small" geometry's rows, built and counted as the benchmark does."""
+    rows, skipped = throughput.build_rows(throughput.row_specs(["small"]), torch.device("cpu"))
+    assert skipped == []
+    return rows
+
+
+def test_peers_are_matched_to_ours(small_rows):
+    config = throughput.our_config("small")
+    backbone = config.backbone_config
+    vit = throughput.lwdetr_config(config).backbone_config
+    assert (vit.hidden_size, vit.num_hidden_layers, vit.num_attention_heads, vit.patch_size, vit.out_indices) == (
+        backbone.hidden_size, backbone.num_hidden_layers, backbone.num_attention_heads, backbone.patch_size,
+        backbone.out_indices)
+    detr = throughput.detr_config(config)
+    assert detr.backbone_config.out_indices == [max(backbone.out_indices)]
+    assert (detr.d_model, detr.num_queries, detr.decoder_layers) == (config.d_model, config.num_queries,
+                                                                      config.decoder_layers)
+    by_name = {row.spec.name: row for row in small_rows}
+    assert isinstance(by_name["DETR + DiT small"].model.model.backbone.model, DiTBackbone)
+    ours = by_name["ours small, full"].counts
+    for row in small_rows:
+        assert 0.75 < row.counts["forward_flops_per_image"] / ours["forward_flops_per_image"] < 1.25, row.spec.name
+
+
+def test_frozen_row_trains_only_the_head(small_rows):
+    frozen = next(row for row in small_rows if row.spec.name == "ours small, frozen backbone")
+    backbone = frozen.model.model.backbone
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert frozen.counts["trainable_parameters"] == frozen.counts["parameters"] - sum(
+        p.numel() for p in backbone.parameters())
+
+
+def test_every_row_trains_a_step_and_infers(small_rows):
+    pixels, labels = throughput.make_batch("small", 2, torch.device("cpu"))
+    for row in small_rows:
+        before = [p.detach().clone() for p in row.model.parameters() if p.requires_grad]
+        loss = throughput.train_step(row.model, row.optimizer, pixels, labels)
+        assert math.isfinite(loss.item()), row.spec.name
+        after = [p for p in row.model.parameters() if p.requires_grad]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after)), row.spec.name
+        assert throughput.infer(row.model, pixels[:1]).logits.shape[0] == 1
+
+
+def test_table_reports_ratios_to_ours(small_rows):
+    for index, row in enumerate(small_rows):
+        row.times = {"train": [0.5, 0.4 * (index + 1)], "infer_b1": [0.01], "infer_b8": [0.1, 0.05 * (index + 1)]}
+    results = [throughput.summarize(row, peak=1e12) for row in small_rows]
+    lines = throughput.table(results).splitlines()
+    assert len(lines) == 2 + len(small_rows)
+    ours = next(line for line in lines if line.startswith("| ours small, full"))
+    assert "(1.00)" in ours and ours.count("| 1.00 |") == 2
+    assert all(0 < r["mfu_train"] < 1 and 0 < r["mfu_infer_b8"] < 1 for r in results)
