@@ -44,6 +44,7 @@ from modeling_dit_detection.training.model_card import TrainingSummary, render_m
 from modeling_dit_detection.training.recipes import StagePlan, check_config_overrides, load_detector, plan_stages
 from modeling_dit_detection.predict import detect
 from modeling_dit_detection.training.synthetic_data import make_synthetic_detection_dataset
+from modeling_dit_detection.training.feature_cache import FeatureCaching
 from modeling_dit_detection.training.stages import prepare_output_dir, train_in_stages
 from modeling_dit_detection.training.trainer import AugmentationEpoch, DetectionTrainer
 from modeling_dit_detection.visualization import detection_grid
@@ -123,7 +124,8 @@ class DataArguments:
         "help": "Use at most this many validation and test images."})
     augmentation: str = field(default="strong", metadata={
         "help": "Training augmentation: strong (flip, zoom out, IoU-safe crop, colour jitter), light (flip, colour "
-                "jitter) or none. Default: strong; light for the built-in data.", "choices": ["strong", "light", "none"]})
+                "jitter), flip (horizontal flip only) or none. Default: strong; light for the built-in data. With "
+                "--cache_frozen_features, stage one uses flip only.", "choices": ["strong", "light", "flip", "none"]})
     skip_bad_images: bool = field(default=False, metadata={
         "help": "Skip (and count) images that cannot be decoded or are smaller than 8 pixels on a side, instead of "
                 "stopping with an error that names the record."})
@@ -152,6 +154,16 @@ class StageArguments:
         "help": "Stage two learning rate of the last DiT block (default: the recipe's)."})
     layer_decay: float | None = field(default=None, metadata={
         "help": "Stage two: each earlier DiT block learns at this factor (0..1] of the next one's rate."})
+    cache_frozen_features: bool = field(default=False, metadata={
+        "help": "Stage one: compute the frozen backbone's (VAE and DiT) feature maps once per distinct input and reuse "
+                "them in later epochs. The rule: stage one's augmentation is then restricted to horizontal flip only "
+                "(colour jitter, zoom-out and random crops are dropped in stage one), so each (image, flip) is one "
+                "input; stage two uses the full --augmentation again and never the cache (the backbone trains). "
+                "Cached in RAM (each process its own), or on disk with --feature_cache_dir."})
+    feature_cache_dir: str | None = field(default=None, metadata={
+        "help": "With --cache_frozen_features: keep the cached features in this folder (one safetensors file per "
+                "input, under a subfolder named by the backbone's fingerprint) instead of RAM, for sets whose features "
+                "do not fit in memory. Reused by later runs with the same backbone."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start over in an --output_dir that holds an earlier run's stage1/ and stage2/ folders (they are "
                 "deleted). Without it such a folder is an error, unless --resume_from_checkpoint continues it."})
@@ -301,6 +313,12 @@ def model_overrides(model_args: ModelArguments) -> dict:
     return overrides
 
 
+def check_feature_cache_arguments(stage_args: StageArguments) -> None:
+    if stage_args.feature_cache_dir and not stage_args.cache_frozen_features:
+        raise ValueError("--feature_cache_dir is where --cache_frozen_features keeps its features: give "
+                         "--cache_frozen_features true as well, or leave --feature_cache_dir out.")
+
+
 def stage_plan(stage_args: StageArguments, training_args: TrainingArguments, pretrained_backbone: bool) -> StagePlan:
     return plan_stages(pretrained_backbone, training_args.learning_rate, training_args.num_train_epochs,
                        training_args.max_steps, stage_args.recipe, stage_args.freeze_backbone_epochs,
@@ -330,6 +348,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     """The whole job; returns the metrics also written to all_results.json. `callbacks` go to every stage's Trainer."""
     overrides = model_overrides(model_args)  # argument errors first, before any data or model is loaded
     stage_plan(stage_args, training_args, pretrained_backbone=model_args.model_name_or_path is not None)
+    check_feature_cache_arguments(stage_args)
     check_sample_limits(data_args)
     prepare_output_dir(training_args, stage_args.overwrite_output_dir, model_args.model_name_or_path)
     set_seed(training_args.seed)
@@ -371,7 +390,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
                                 backbone_learning_rate=plan.backbone_learning_rate, layer_decay=plan.layer_decay,
                                 callbacks=[AugmentationEpoch(train_transform), *callbacks])
 
-    trainer, metrics = train_in_stages(model, training_args, plan, make_trainer)
+    caching = None
+    if stage_args.cache_frozen_features:
+        caching = FeatureCaching(train_transform, data_args.augmentation, stage_args.feature_cache_dir)
+        logger.info("--cache_frozen_features: %s%s.", caching.describe(),
+                    "" if plan.stage_one > 0 else " (this run has no stage one: nothing is cached)")
+    trainer, metrics = train_in_stages(model, training_args, plan, make_trainer, feature_caching=caching)
     if trainer is None:  # resumed after both stages had finished
         trainer = make_trainer(training_args)
     for prefix, eval_set in eval_sets.items():
@@ -388,7 +412,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
             model_name=output_dir.name, dataset_name=data.name, metrics=metrics,
             repo_id=training_args.hub_model_id or output_dir.name, base_model=base_model,
             num_train_images=len(train), num_eval_images=len(validation),
-            stage_plan=plan, data_report="; ".join(line.strip() for line in data.report.summary().splitlines()[1:]),
+            stage_plan=plan, feature_caching=caching.describe() if caching and plan.stage_one > 0 else "",
+            data_report="; ".join(line.strip() for line in data.report.summary().splitlines()[1:]),
             hyperparameters={key: getattr(getattr(training_args, key), "value", getattr(training_args, key))
                              for key in ("learning_rate", "per_device_train_batch_size", "num_train_epochs",
                                          "max_steps", "weight_decay", "lr_scheduler_type", "warmup_steps",

@@ -79,3 +79,20 @@ def test_table_reports_ratios_to_ours(small_rows):
     ours = next(line for line in lines if line.startswith("| ours small, full"))
     assert "(1.00)" in ours and ours.count("| 1.00 |") == 2
     assert all(0 < r["mfu_train"] < 1 and 0 < r["mfu_infer_b8"] < 1 for r in results)
+
+
+def test_frozen_cache_benchmark_runs_both_modes_and_tabulates(capsys):
+    frozen_cache = load_benchmark("frozen_cache")
+    result = frozen_cache.main(["--geometry", "tiny-latent", "--images", "6", "--batch-size", "4", "--epochs", "3",
+                                "--repeats", "1", "--device", "cpu"])
+    cached = result["runs"]["cached"][0]
+    assert cached["counts"][0] == (0, 6)  # epoch 1 misses every image
+    assert sum(hits + misses for hits, misses in cached["counts"]) == 18
+    flips = [[frozen_cache.flipped(epoch, i) for i in range(6)] for epoch in range(3)]
+    assert cached["counts"][1][0] == sum(a == b for a, b in zip(flips[0], flips[1]))  # a hit: a flip seen before
+    assert cached["entries"] == len({(i, flips[e][i]) for e in range(3) for i in range(6)})
+    assert result["runs"]["plain"][0]["counts"] == [None] * 3
+    lines = capsys.readouterr().out.splitlines()
+    table = [line for line in lines if line.startswith("| ")]
+    assert len(table) == 1 + 3 and "speed-up" in table[0]
+    assert any("KiB per input" in line for line in lines)

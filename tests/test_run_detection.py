@@ -241,6 +241,7 @@ def test_the_recipe_follows_whether_the_backbone_is_pretrained():
     (["--config_overrides", '{"decoder_layerz": 6}'], r"Unknown config fields \['decoder_layerz'\]"),
     (["--image_size", "64x64"], "--image_size must be 'SIDE' or 'HEIGHT,WIDTH'"),
     (["--out_indices", "a,b"], "--out_indices must be comma-separated stage numbers"),
+    (["--feature_cache_dir", "features"], "give --cache_frozen_features true as well"),
 ])
 def test_bad_arguments_are_refused_before_any_data_is_loaded(tmp_path, monkeypatch, argv, message):
     def no_data(*args, **kwargs):

@@ -650,7 +650,7 @@ def _clean_record(example: dict, index: int, num_labels: int, split: str, skip_b
 # 3. Transforms and collation
 # ----------------------------------------------------------------------------------------------------------------
 
-AUGMENTATIONS = ("strong", "light", "none")
+AUGMENTATIONS = ("strong", "light", "flip", "none")
 
 
 def make_train_augmentation(image_size: tuple[int, int], strength: str = "strong") -> v2.Transform | None:
@@ -663,6 +663,8 @@ def make_train_augmentation(image_size: tuple[int, int], strength: str = "strong
     training image; SanitizeBoundingBoxes then drops boxes under 1 pixel (as the model sees them) with their labels;
     colour jitter (p=0.8; mild hue so class colours stay themselves).
     "light": flip, resize and colour jitter (object scales unchanged: learns faster on short schedules).
+    "flip": flip and resize only: two possible inputs per image (what stage one uses with cached frozen features,
+    `feature_cache.py`).
     "none": None (`DetectionTransform` then only resizes).
     """
     if strength not in AUGMENTATIONS:
@@ -673,10 +675,12 @@ def make_train_augmentation(image_size: tuple[int, int], strength: str = "strong
     if strength == "strong":
         geometric += [v2.RandomZoomOut(fill=128, side_range=(1.0, 2.0), p=0.3),
                       v2.RandomApply([SmallImageSafeIoUCrop(min_scale=0.3)], p=0.5)]
+    photometric = [] if strength == "flip" else [
+        v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02)], p=0.8)]
     return v2.Compose([
         *geometric,
         v2.Resize(tuple(image_size)),
-        v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02)], p=0.8),
+        *photometric,
         v2.SanitizeBoundingBoxes(min_size=1.0),
     ])
 
@@ -720,6 +724,8 @@ class DetectionTransform:
     own generator, never from the process's random state. So a run resumed mid-epoch (which skips batches without
     transforming them) and the run it continues augment every image identically, whatever the number of
     dataloader workers. Set `epoch` at each epoch's start (`AugmentationEpoch` does, as a Trainer callback).
+    `set_augmentation` swaps the augmentation for a part of the run (stage one with cached frozen features uses
+    flip only); dataloader workers made after the swap see it (they are re-created each epoch).
 
     Args:
         image_processor: a `DiTDetectionImageProcessor`; its `size` is the output size.
@@ -730,9 +736,15 @@ class DetectionTransform:
     def __init__(self, image_processor, augmentation: v2.Transform | None = None, seed: int = 0):
         self.image_processor = image_processor
         self.size = processor_size(image_processor)
-        self.geometry = augmentation if augmentation is not None else processor_resize(image_processor)
-        self.random = augmentation is not None
+        self.set_augmentation(augmentation)
         self.seed, self.epoch = seed, 0
+
+    def set_augmentation(self, augmentation: v2.Transform | None) -> None:
+        """Use `augmentation` (a v2 transform that ends with the resize to the processor's size, or None: the
+        processor's resize only) from the next record on."""
+        self.augmentation = augmentation
+        self.geometry = augmentation if augmentation is not None else processor_resize(self.image_processor)
+        self.random = augmentation is not None
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         """

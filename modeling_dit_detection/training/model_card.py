@@ -31,6 +31,7 @@ class TrainingSummary:
     num_train_images: int = 0
     num_eval_images: int = 0
     stage_plan: StagePlan | None = None
+    feature_caching: str = ""  # how stage one's features were cached (`FeatureCaching.describe`), if they were
     hyperparameters: dict = field(default_factory=dict)
     data_report: str = ""
     compute_description: str = ""
@@ -103,6 +104,7 @@ def render_model_card(config: DiTDetectionConfig, summary: TrainingSummary, temp
                          else f"the last {plan.unfreeze_last_blocks} DiT blocks"),
         backbone_learning_rate=plan.backbone_learning_rate if plan else None,
         layer_decay=plan.layer_decay if plan else None,
+        feature_caching=summary.feature_caching,
         hyperparameters=summary.hyperparameters,
         evaluation_table=[(key, metrics[key]) for key in SUMMARY_METRICS if metrics.get(key) is not None],
         per_class_table=per_class,

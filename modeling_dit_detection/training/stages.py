@@ -7,6 +7,7 @@ resume continues from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from ..modeling_dit_backbone import DiTBackbone, freeze_vae
+from .feature_cache import FeatureCaching, real_backbone
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -25,7 +27,7 @@ _MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")
 
 
 def _backbone(model: nn.Module) -> DiTBackbone:
-    return next(module for module in model.modules() if isinstance(module, DiTBackbone))
+    return real_backbone(model)  # also while a FrozenFeatureCache stands in for it
 
 
 def set_trainable(model: nn.Module, train_backbone: bool, unfreeze_last_blocks: int | None = None) -> None:
@@ -110,11 +112,15 @@ def prepare_output_dir(training_args, overwrite: bool, model_source: str | None 
             check_output_dir(Path(training_args.output_dir), resume, overwrite, model_source)
 
 
-def train_in_stages(model, training_args, plan, make_trainer):
+def train_in_stages(model, training_args, plan, make_trainer, feature_caching: FeatureCaching | None = None):
     """Stage one (frozen backbone), then stage two (backbone trains), as `plan` (a `StagePlan`) lays them out, each
     its own Trainer and DDP wrap, each with its own checkpoints under output_dir/stage1, output_dir/stage2.
     `make_trainer(args)` builds a stage's Trainer. Returns the last trainer (None if nothing was left to train)
     and the train metrics of both stages, `stage1_*` and `stage2_*`, also for a stage finished before a resume.
+
+    `feature_caching` (`--cache_frozen_features`): stage one runs with flip-only augmentation and the backbone's
+    feature maps cached (`FeatureCaching.serving`), and reports `stage1_feature_cache_*`; the backbone is back in
+    place before anything is saved after the stage, and stage two runs as without it.
 
     `training_args.resume_from_checkpoint`: "true" continues from the newest complete checkpoint of the stage the
     run stopped in (a finished stage one is not trained again); a path to one `checkpoint-N` folder under
@@ -151,7 +157,11 @@ def train_in_stages(model, training_args, plan, make_trainer):
             _load_weights(model, stage_one_done.parent / "final")
         if checkpoint is not None:
             logger.info("Resuming stage %d from %s.", number, checkpoint)
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        caching = feature_caching if number == 1 else None
+        with caching.serving(model, trainer) if caching else contextlib.nullcontext() as cache:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+            if cache is not None:
+                result.metrics.update(caching.metrics(cache, trainer.args.device))
         stage_metrics = {f"stage{number}_{key}": value for key, value in result.metrics.items()}
         metrics.update(stage_metrics)
         if trainer.is_world_process_zero():

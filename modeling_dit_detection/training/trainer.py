@@ -16,13 +16,14 @@ from transformers.trainer_callback import ExportableState
 
 from ..modeling_dit_backbone import DiTBackbone
 from .coco_metric import DetectionEvaluator
+from .feature_cache import real_backbone
 
 logger = logging.getLogger(__name__)
 _BLOCK = re.compile(r"(?:^|\.)backbone\.layers\.(\d+)\.")
 
 
 def _backbone(model: nn.Module) -> DiTBackbone:
-    return next(module for module in model.modules() if isinstance(module, DiTBackbone))
+    return real_backbone(model)  # also while a FrozenFeatureCache stands in for it (stage one)
 
 
 def backbone_lr_scale(name: str, num_blocks: int, layer_decay: float) -> float | None:
