@@ -458,13 +458,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_process_ddp_run_matches_single_process_evaluation(tmp_path):
+@pytest.mark.parametrize("eval_size, eval_batch", [
+    (5, 2),  # 5 test images over 2 processes: the sampler pads one duplicate, which must not be counted
+    pytest.param(4, 8, marks=pytest.mark.slow),  # one evaluation batch per process
+])
+def test_two_process_ddp_run_matches_single_process_evaluation(tmp_path, eval_size, eval_batch):
     """torchrun with 2 CPU processes (gloo): both stages train (each its own DDP wrap, frozen parameters and all),
     and the distributed evaluation counts every test image once, with its own labels (transformers#13197, #25939):
     its mAP equals a single-process evaluation of the saved model."""
     output_dir = tmp_path / "ddp"
-    # 5 test images over 2 processes: the sampler pads one duplicate, which must not be counted.
-    argv = [*SMALL_JOB, "--synthetic_eval_size", "5", "--per_device_eval_batch_size", "2", "--report_to", "none"]
+    argv = [*SMALL_JOB, "--synthetic_eval_size", str(eval_size), "--per_device_eval_batch_size", str(eval_batch),
+            "--report_to", "none"]
     # On CPU, transformers only runs DDP (gloo) with --use_cpu; without it each process would train alone.
     # Gradient checkpointing with a frozen backbone in stage one is the combination DDP trips on most easily.
     ddp = ["--ddp_backend", "gloo", "--use_cpu", "true", "--gradient_checkpointing", "true",
@@ -489,7 +493,7 @@ def test_two_process_ddp_run_matches_single_process_evaluation(tmp_path):
         outputs = model(batch["pixel_values"])
     single = evaluator(transformers.EvalPrediction(predictions=evaluator.preprocess(outputs),
                                                    label_ids=batch["labels"]), compute_result=True)
-    assert len(test) == 5
+    assert len(test) == eval_size
     for key in ("map", "map_50", "map_75", "mar_100"):
         assert distributed[f"test_{key}"] == pytest.approx(single[key], abs=1e-6), key
 

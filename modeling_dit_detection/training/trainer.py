@@ -163,6 +163,10 @@ class DetectionTrainer(Trainer):
         return super().evaluation_loop(*args, **kwargs)
 
     def _gather_objects_on_cpu(self, data):
+        if isinstance(data, torch.Tensor):
+            # The per-image losses: a tensor of the batch's size, gathered as one. As objects they would arrive as a
+            # list of 0-d arrays, which the Trainer cannot concatenate (a process with a single eval batch crashed).
+            return self.accelerator.gather_for_metrics(data)
         # Objects are pickled to every process; a CUDA tensor would be unpickled onto its sender's GPU in every
         # process (a CUDA context per GPU pair), so CPU copies travel instead.
         return self.accelerator.gather_for_metrics(send_to_device(data, "cpu"), use_gather_object=True)
