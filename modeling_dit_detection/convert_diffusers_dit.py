@@ -1,7 +1,8 @@
 """diffusers DiT checkpoints -> `DiTDetectionConfig` + the weights of our backbone (its DiT and VAE encoder).
 
-Accepts a diffusers DiT pipeline (`model_index.json`, `transformer/`, `vae/`, e.g. `facebook/DiT-XL-2-256`) or a
-lone `DiTTransformer2DModel` folder, on the Hub or on disk; diffusers' own loaders read the weights. Every
+Accepts a diffusers DiT pipeline (`model_index.json`, `transformer/`, `vae/`, e.g. `facebook/DiT-XL-2-256`; a
+pixel-space DiT's pipeline has no VAE: `"vae": [null, null]`, as pretrain_dit.py saves it) or a lone
+`DiTTransformer2DModel` folder, on the Hub or on disk; diffusers' own loaders read the weights. Every
 transformer and VAE-encoder weight is mapped; what is left out is left out on purpose and logged: the
 noise-prediction head, diffusers' per-block copies of the conditioning embedder, the VAE decoder, and the blocks
 after the deepest tapped one (they cannot change the detections).
@@ -72,7 +73,7 @@ def load_diffusers_components(name_or_path: str, vae=None, **hub_kwargs):
             raise ValueError(f"{name_or_path} is a diffusers {index.get('_class_name')} pipeline with components "
                              f"{components}: it has no transformer, so it is not a DiT.")
         transformer = DiTTransformer2DModel.from_pretrained(name_or_path, subfolder="transformer", **hub_kwargs)
-        if vae is None and index.get("vae"):
+        if vae is None and _has_component(index, "vae"):
             vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **hub_kwargs)
     else:
         config = _read_json(name_or_path, "config.json", **hub_kwargs) or {}
@@ -94,6 +95,15 @@ def load_diffusers_components(name_or_path: str, vae=None, **hub_kwargs):
         raise ValueError(f"The VAE has {vae.config['latent_channels']} latent channels but the DiT reads "
                          f"{transformer_config['in_channels']}.")
     return transformer, vae
+
+
+def _has_component(index: dict, name: str) -> bool:
+    """Whether a pipeline's model_index.json holds component `name`. diffusers writes a component that was None (the
+    VAE of a pixel-space DiT pipeline, as pretrain_dit.py saves one) as `[null, null]`."""
+    entry = index.get(name)
+    if isinstance(entry, (list, tuple)):
+        return any(part is not None for part in entry)
+    return bool(entry)
 
 
 def config_from_diffusers(transformer_config, vae_config=None, **overrides) -> DiTDetectionConfig:

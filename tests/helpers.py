@@ -1,5 +1,5 @@
-"""Shared builders for the tests: tiny configs, valid targets, the run_detection.py and benchmark scripts as
-modules."""
+"""Shared builders for the tests: tiny configs, valid targets, the run_detection.py, pretrain_dit.py and benchmark
+scripts as modules."""
 
 import importlib.util
 import os
@@ -88,6 +88,19 @@ def load_run_detection():
         sys.modules["run_detection"] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
     return sys.modules["run_detection"]
+
+
+def load_pretrain_dit():
+    """The top-level script pretrain_dit.py as a module; the repository root goes on sys.path, as when the script runs,
+    since it reads detection datasets with run_detection.py's loading."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    if "pretrain_dit" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("pretrain_dit", ROOT / "pretrain_dit.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["pretrain_dit"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["pretrain_dit"]
 
 
 def load_benchmark(name: str):

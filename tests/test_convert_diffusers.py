@@ -149,6 +149,19 @@ def test_pixel_space_transformer_loads_without_a_vae(tmp_path):
     assert model(torch.zeros(1, 3, 16, 16)).logits.shape == (1, model.config.num_queries, 3)
 
 
+def test_pixel_space_pipeline_without_a_vae_loads(tmp_path):
+    """A DiTPipeline saved with vae=None (pretrain_dit.py's pixel-space output): model_index.json says "vae": [null,
+    null], which is no VAE, not a VAE to load."""
+    transformer = tiny_diffusers_dit(in_channels=3, sample_size=16)
+    DiTPipeline(transformer=transformer, vae=None, scheduler=DDPMScheduler()).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["vae"] == [None, None]
+    assert checkpoint_kind(tmp_path) == "diffusers"
+    model = DiTForObjectDetection.from_diffusers(tmp_path, id2label=ID2LABEL, out_indices=(1, 2), **HEAD)
+    assert model.model.backbone.vae is None and model.config.image_size == [16, 16]
+    torch.testing.assert_close(model.model.backbone.layers[1].mlp.fc2.weight,
+                               transformer.transformer_blocks[1].ff.net[2].weight)
+
+
 def test_blocks_after_the_deepest_tap_are_dropped(pipeline_folder):
     model = DiTDetectionModel.from_diffusers(pipeline_folder, out_indices=(1,), **HEAD)
     assert len(model.backbone.layers) == 1
