@@ -95,7 +95,8 @@ class ModelArguments:
     feature_timestep: int | None = field(default=None, metadata={
         "help": "Diffusion timestep at which the DiT features are read (0 = clean). Default: the config's (100)."})
     out_indices: str | None = field(default=None, metadata={
-        "help": "Comma-separated 0-based DiT blocks to tap, e.g. '13,17,20'. Default: at 1/2, 5/8, 3/4 depth."})
+        "help": "Comma-separated DiT stages to tap (i = the output of block i, 0 = the embedded patches), "
+                "e.g. '14,18,21' of DiT-XL/2's 28. Default: at 1/2, 5/8, 3/4 depth."})
     num_queries: int | None = field(default=None, metadata={"help": "Object queries at inference."})
     fold_conditioning: bool = field(default=False, metadata={
         "help": "Fold the fixed adaLN conditioning into each DiT block: a third fewer backbone weights, same outputs."})
