@@ -45,7 +45,7 @@ from modeling_dit_detection.training.recipes import StagePlan, check_config_over
 from modeling_dit_detection.predict import detect
 from modeling_dit_detection.training.synthetic_data import make_synthetic_detection_dataset
 from modeling_dit_detection.training.feature_cache import FeatureCaching
-from modeling_dit_detection.training.stages import prepare_output_dir, train_in_stages
+from modeling_dit_detection.training.stages import prepare_output_dir, remove_stage_one_model, train_in_stages
 from modeling_dit_detection.training.trainer import AugmentationEpoch, DetectionTrainer
 from modeling_dit_detection.visualization import detection_grid
 
@@ -176,18 +176,40 @@ def parse_arguments(argv: list[str]):
     if config_file is not None:
         given = json.loads(config_file.read_text()) if config_file.suffix == ".json" else _read_yaml(config_file)
     else:
-        given = {key: True for key in _flags(argv)}  # only which options were given matters here
+        given = _given_options(argv)
     # The built-in job (built-in data, new small DiT) has its own measured settings.
     built_in = not any(given.get(key) for key in ("dataset_name", "coco_annotations", "model_name_or_path"))
-    defaults = {**TRAINING_DEFAULTS, **(SYNTHETIC_DEFAULTS if built_in else {})}
+    defaults = {**TRAINING_DEFAULTS, **(SYNTHETIC_DEFAULTS if built_in else {}), **cpu_default(given)}
     if config_file is not None:
         return parser.parse_dict({**defaults, **given})
     parser.set_defaults(**defaults)
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def _flags(argv: list[str]) -> list[str]:
-    return [arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")]
+def cpu_default(given: dict) -> dict:
+    """{"use_cpu": True} where bf16 is asked for on a machine without a GPU (or other accelerator) and --use_cpu is
+    not given: transformers refuses bf16 there unless use_cpu is set, while without bf16 the same machine trains on
+    its CPU anyway. A GPU without bf16 support keeps transformers' error (it names the GPU generation needed)."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    wants_bf16 = any(str(given.get(key, False)).lower() in ("true", "1", "yes") for key in ("bf16", "bf16_full_eval"))
+    if not wants_bf16 or "use_cpu" in given or torch.cuda.is_available() or is_torch_bf16_gpu_available() or \
+            is_torch_xla_available():
+        return {}
+    logger.warning("--bf16 without a GPU: training on the CPU in bfloat16 autocast (--use_cpu true is set for you; "
+                   "give --use_cpu false to get transformers' error instead).")
+    return {"use_cpu": True}
+
+
+def _given_options(argv: list[str]) -> dict:
+    """The options on a command line with their values as written ("--bf16" alone: True)."""
+    given = {}
+    for position, arg in enumerate(argv):
+        if arg.startswith("--"):
+            name, _, value = arg[2:].partition("=")
+            following = argv[position + 1] if position + 1 < len(argv) else "--"
+            given[name.replace("-", "_")] = value or (True if following.startswith("--") else following)
+    return given
 
 
 def _read_yaml(path: Path) -> dict:
@@ -406,6 +428,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))  # weights, config with auto_map, the code, preprocessor_config.json
     if trainer.is_world_process_zero():
+        remove_stage_one_model(output_dir)
         (output_dir / "all_results.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         write_preview(model, processor, validation, id2label, output_dir / "predictions_preview.png",
                       data_args.preview_images, data_args.preview_threshold)

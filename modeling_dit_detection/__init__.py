@@ -6,7 +6,14 @@ and `AutoBackbone` resolves `dit_backbone` (the DiT as a backbone for other dete
 imported here; the training side is `modeling_dit_detection.training`.
 """
 
-from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForObjectDetection,
+    AutoVideoProcessor,
+)
 
 from .configuration_dit_backbone import DIT_PRESETS, SD_VAE_CONFIG, DiTBackboneConfig, default_out_indices
 from .configuration_dit_detection import DETECTOR_PRESETS, PRESETS, DiTDetectionConfig
@@ -28,6 +35,10 @@ AutoBackbone.register(DiTBackboneConfig, DiTBackbone, exist_ok=True)
 AutoImageProcessor.register(
     DiTDetectionConfig, image_processor_classes={"torchvision": DiTDetectionImageProcessor}, exist_ok=True
 )
+# No video processor. Without this entry, AutoVideoProcessor (which pipeline() tries for every model) derives one
+# from the image processor's auto_map entry, finds remote code for it and asks whether to run it, although this
+# package's own classes are in use.
+AutoVideoProcessor.register(DiTDetectionConfig, video_processor_classes={}, exist_ok=True)
 
 # `save_pretrained` then writes `auto_map` and copies the code files next to the weights, so a saved folder
 # loads with `trust_remote_code=True` where this package is not installed.

@@ -8,8 +8,9 @@ class logits and boxes per layer.
 
 from __future__ import annotations
 
-import math
 import importlib
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,24 @@ from transformers.utils import ModelOutput
 from .configuration_dit_detection import DiTDetectionConfig
 from .loss_dit_detection import DiTDetectionCriterion, HungarianMatcher, SetPredictions, validate_labels
 from .modeling_dit_backbone import DiTBackbone, freeze_vae, init_dit_block
+
+
+
+class _PipelineSupportFilter(logging.Filter):
+    """Drops the error transformers' object-detection pipeline logs for this model: it checks the model class against
+    a copy of its built-in mapping, and the copy loses the classes that `AutoModelForObjectDetection.register` or
+    `auto_map` added, so it lists ~150 built-in detectors and calls this one unsupported although the pipeline then
+    runs it. Only that one message, for this class, is dropped."""
+
+    MESSAGE = "The model 'DiTForObjectDetection' is not supported for object-detection."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.MESSAGE)
+
+
+_pipeline_logger = logging.getLogger("transformers.pipelines.base")
+if not any(type(f).__name__ == _PipelineSupportFilter.__name__ for f in _pipeline_logger.filters):  # remote code
+    _pipeline_logger.addFilter(_PipelineSupportFilter())  # may import this file again under another module name
 
 # Detectors saved before version 0.2 kept the VAE encoder beside the DiT (`model.vae.`), not inside the backbone.
 LEGACY_KEY_MAPPING = {r"^(model\.)?vae\.": r"\1backbone.vae."}

@@ -1,8 +1,10 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, worker_env
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForObjectDetection, pipeline
 
@@ -104,3 +106,22 @@ def test_pipeline_batches_give_the_same_detections_as_one_by_one(saved_detector,
         assert [d["label"] for d in alone] == [d["label"] for d in together]
         assert [d["box"] for d in alone] == [d["box"] for d in together]
         assert [d["score"] for d in together] == pytest.approx([d["score"] for d in alone], abs=1e-5)
+
+
+def test_pipeline_loads_a_saved_folder_without_prompt_or_unsupported_error(saved_detector, tmp_path):
+    """With the package imported and no trust_remote_code: no "Do you wish to run the custom code?" (pipeline()
+    probes AutoVideoProcessor, which would derive a video processor from the folder's auto_map) and no error calling
+    DiTForObjectDetection unsupported (the pipeline checks a copy of its mapping that lacks registered models). A
+    clean process, stdin closed: a prompt would print and then fail on end of input."""
+    _, _, folder = saved_detector
+    script = ("import modeling_dit_detection, sys\n"
+              "from PIL import Image\n"
+              "from transformers import pipeline\n"
+              f"detector = pipeline('object-detection', model={str(folder)!r})\n"
+              "print('DETECTIONS', len(detector(Image.new('RGB', (64, 48)), threshold=0.0)))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            cwd=tmp_path, env=worker_env(), timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "DETECTIONS" in result.stdout, output[-3000:]
+    assert "Do you wish to run the custom code" not in output and "trust_remote_code" not in output, output[-3000:]
+    assert "is not supported for object-detection" not in output, output[-3000:]

@@ -98,6 +98,39 @@ def test_fractional_stage_one_and_last_blocks_only(tmp_path):
     assert not any(changed[k] for k in changed if not k.startswith("layers.3."))
 
 
+def test_without_checkpoints_only_the_final_model_is_left(tmp_path):
+    """--save_strategy no: stage one's model (the hand-off a resume in stage two would start from) is removed once
+    the run's model is saved; no other copy of the weights stays under stage1/ or stage2/. A resume of the finished
+    run then says there is nothing to resume."""
+    output_dir = tmp_path / "out"
+    argv = [*SMALL_JOB, "--output_dir", str(output_dir), "--eval_strategy", "no", "--save_strategy", "no",
+            "--synthetic_eval_size", "2", "--report_to", "none", "--preview_images", "0"]
+    _run(argv)
+    assert (output_dir / "model.safetensors").is_file()
+    left = sorted(str(path.relative_to(output_dir)) for path in output_dir.glob("stage*/**/*") if path.is_file())
+    assert left == ["stage1/completed", "stage1/train_results.json", "stage2/train_results.json"]
+    with pytest.raises(ValueError, match="nothing to resume"):
+        _run([*argv, "--resume_from_checkpoint", "true"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case of a machine without a GPU")
+def test_bf16_without_a_gpu_trains_on_the_cpu(tmp_path, caplog):
+    """--bf16 true alone, on a machine without a GPU: use_cpu is set (and said), the run trains in bfloat16 autocast
+    on the CPU; --use_cpu false keeps transformers' refusal."""
+    job = [*SMALL_JOB, "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--eval_strategy", "no",
+           "--save_strategy", "no", "--synthetic_eval_size", "2", "--report_to", "none", "--preview_images", "0"]
+    argv = [*job, "--bf16", "true"]
+    with caplog.at_level("WARNING", logger="run_detection"):
+        arguments = run_detection.parse_arguments(argv)
+    assert arguments[-1].bf16 and arguments[-1].use_cpu
+    assert "--use_cpu true is set for you" in caplog.text
+    assert not run_detection.parse_arguments([*job, "--bf16", "false"])[-1].use_cpu
+    metrics = run_detection.run(*arguments)
+    assert np.isfinite(metrics["stage2_train_loss"]) and "test_map" in metrics
+    with pytest.raises(ValueError, match="use_cpu"):
+        run_detection.parse_arguments([*argv, "--use_cpu", "false"])
+
+
 def test_resume_after_a_crash_in_stage_two(tmp_path):
     output_dir = tmp_path / "out"
     argv = [*SMALL_JOB, "--output_dir", str(output_dir), "--num_train_epochs", "3"]
@@ -515,3 +548,58 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
         torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-6, msg=key)
     for key in ("stage1_train_loss", "stage2_train_loss"):
         assert resumed[key] == pytest.approx(whole[key], rel=1e-5), key
+
+
+RANK_SNAPSHOT_JOB = """
+import sys
+from safetensors.torch import save_file
+from transformers import TrainerCallback
+sys.path.insert(0, {tests!r})
+from helpers import load_run_detection
+
+
+class RankSnapshot(TrainerCallback):
+    # Each process writes its own weights at the end of each stage.
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        stage = args.output_dir.rstrip("/").rsplit("/", 1)[-1]
+        weights = {{key: value.detach().contiguous() for key, value in model.state_dict().items()}}
+        save_file(weights, f"{{args.output_dir}}/../{{stage}}-rank{{args.process_index}}.safetensors")
+
+
+run_detection = load_run_detection()
+run_detection.run(*run_detection.parse_arguments(sys.argv[1:]), callbacks=[RankSnapshot()])
+"""
+
+
+@pytest.mark.slow
+def test_accelerate_launch_ddp_config_trains_both_stages_in_step_on_every_process(tmp_path):
+    """configs/accelerate/ddp.yaml through `accelerate launch`, 2 CPU processes (gloo; --use_cpu true and
+    --mixed_precision no are the CPU overrides): at the end of each stage both processes hold the same weights, and
+    stage two changed the backbone (so it was trained, and all-reduced, under stage two's own DDP wrap, although
+    stage one had frozen it). The saved model is those weights. The job is run_detection.run with a test callback
+    that writes each process's weights."""
+    from safetensors.torch import load_file
+
+    job = tmp_path / "job.py"
+    job.write_text(RANK_SNAPSHOT_JOB.format(tests=str(ROOT / "tests")))
+    output_dir = tmp_path / "out"
+    argv = [*SMALL_JOB, "--output_dir", str(output_dir), "--eval_strategy", "no", "--save_strategy", "no",
+            "--synthetic_eval_size", "2", "--report_to", "none", "--preview_images", "0", "--use_cpu", "true",
+            "--ddp_backend", "gloo"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+              "--main_process_port", str(_free_port())]
+    result = subprocess.run([*launch, str(job), *argv], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env=worker_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stages = {stage: [load_file(str(output_dir / f"{stage}-rank{rank}.safetensors")) for rank in (0, 1)]
+              for stage in ("stage1", "stage2")}
+    for stage, (rank0, rank1) in stages.items():
+        assert rank0.keys() == rank1.keys()
+        for key in rank0:
+            assert torch.equal(rank0[key], rank1[key]), (stage, key)
+    one, two = stages["stage1"][0], stages["stage2"][0]
+    blocks = [key for key in one if key.startswith("model.backbone.layers.")]
+    assert blocks and all(not torch.equal(one[key], two[key]) for key in blocks if key.endswith(".weight"))
+    saved = load_file(str(output_dir / "model.safetensors"))
+    assert all(torch.equal(saved[key], two[key]) for key in saved)

@@ -200,8 +200,23 @@ def resume_request(value, output_dir: Path) -> tuple[bool, Path | None]:
     return True, checkpoint
 
 
+def remove_stage_one_model(output_dir: Path) -> None:
+    """Delete output_dir/stage1/final, stage one's whole model (2.1 GB at DiT-XL/2), once the run's model is saved in
+    output_dir. It is kept until then because a resume in stage two starts from it when stage two has no checkpoint
+    (always so with --save_strategy no); after the run nothing reads it."""
+    folder = output_dir / "stage1" / "final"
+    if folder.is_dir():
+        shutil.rmtree(folder)
+        logger.info("Removed stage one's model (%s): the run's model is in %s.", folder, output_dir)
+
+
 def _load_weights(model, folder: Path) -> None:
     from safetensors.torch import load_file
 
+    if not (folder / "model.safetensors").is_file():
+        raise ValueError(f"--resume_from_checkpoint: stage one is finished but its model ({folder}) is gone, and stage "
+                         "two has no checkpoint to continue from: the run finished (its model is in "
+                         f"{folder.parent.parent}) and there is nothing to resume. Start over with "
+                         "--overwrite_output_dir true.")
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     logger.info("Loaded the stage-one weights from %s.", folder)
