@@ -25,7 +25,6 @@ from .loss_dit_detection import DiTDetectionCriterion, HungarianMatcher, SetPred
 from .modeling_dit_backbone import DiTBackbone, freeze_vae, init_dit_block
 
 
-
 class _PipelineSupportFilter(logging.Filter):
     """Drops the error transformers' object-detection pipeline logs for this model: it checks the model class against
     a copy of its built-in mapping, and the copy loses the classes that `AutoModelForObjectDetection.register` or
