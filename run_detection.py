@@ -45,7 +45,8 @@ from modeling_dit_detection.training.recipes import StagePlan, check_config_over
 from modeling_dit_detection.predict import detect
 from modeling_dit_detection.training.synthetic_data import make_synthetic_detection_dataset
 from modeling_dit_detection.training.feature_cache import FeatureCaching
-from modeling_dit_detection.training.stages import prepare_output_dir, remove_stage_one_model, train_in_stages
+from modeling_dit_detection.training.stages import (prepare_output_dir, remove_stage_one_model, train_in_stages,
+                                                    unwrapped_copy, wraps_model_in_place)
 from modeling_dit_detection.training.trainer import AugmentationEpoch, DetectionTrainer
 from modeling_dit_detection.visualization import detection_grid
 
@@ -406,7 +407,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     evaluator = DetectionEvaluator(processor, id2label, category_ids=data.category_ids, ground_truths={
         prefix: coco_ground_truth(split, id2label, data.category_ids) for prefix, split in eval_splits.items()})
 
-    def make_trainer(args):
+    def make_trainer(args, model):
         return DetectionTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets["eval"],
                                 data_collator=collate_fn, processing_class=processor,
                                 compute_metrics=evaluator, preprocess_logits_for_metrics=evaluator.preprocess,
@@ -418,9 +419,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
         caching = FeatureCaching(train_transform, data_args.augmentation, stage_args.feature_cache_dir)
         logger.info("--cache_frozen_features: %s%s.", caching.describe(),
                     "" if plan.stage_one > 0 else " (this run has no stage one: nothing is cached)")
-    trainer, metrics = train_in_stages(model, training_args, plan, make_trainer, feature_caching=caching)
+    trainer, model, metrics = train_in_stages(model, training_args, plan, make_trainer, feature_caching=caching)
     if trainer is None:  # resumed after both stages had finished
-        trainer = make_trainer(training_args)
+        trainer = make_trainer(training_args, model)
     for prefix, eval_set in eval_sets.items():
         metrics.update(trainer.evaluate(eval_dataset=eval_set, metric_key_prefix=prefix))
     metrics["train_minutes"] = round((time.time() - started) / 60, 2)
@@ -430,7 +431,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     if trainer.is_world_process_zero():
         remove_stage_one_model(output_dir)
         (output_dir / "all_results.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        write_preview(model, processor, validation, id2label, output_dir / "predictions_preview.png",
+        # A sharded model (FSDP, DeepSpeed) computes on all processes together; the preview runs on this one.
+        preview_model = unwrapped_copy(model, output_dir) if wraps_model_in_place(trainer) else model
+        write_preview(preview_model, processor, validation, id2label, output_dir / "predictions_preview.png",
                       data_args.preview_images, data_args.preview_threshold)
         summary = TrainingSummary(
             model_name=output_dir.name, dataset_name=data.name, metrics=metrics,

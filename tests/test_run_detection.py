@@ -113,6 +113,31 @@ def test_without_checkpoints_only_the_final_model_is_left(tmp_path):
         _run([*argv, "--resume_from_checkpoint", "true"])
 
 
+def test_stage_two_on_a_new_model_where_the_first_trainer_sharded_it_in_place(tmp_path, monkeypatch, caplog):
+    """Under FSDP or DeepSpeed (which need GPUs) stage one's Trainer changes the model's own modules, so stage two
+    trains a new model built from stage one's saved weights, and the preview runs on a copy of the saved model.
+    Here the wrapping is DDP-free, so the run with that restart must end exactly where the run without it ends: the
+    same weights, the same metrics."""
+    from modeling_dit_detection.training import stages
+
+    job = [*SMALL_JOB, "--eval_strategy", "no", "--save_strategy", "no", "--synthetic_eval_size", "2",
+           "--report_to", "none", "--preview_images", "2"]
+    in_place = _run([*job, "--output_dir", str(tmp_path / "in_place")])
+    for module in (stages, run_detection):  # the one thing FSDP/DeepSpeed would change: the answer to this question
+        monkeypatch.setattr(module, "wraps_model_in_place", lambda trainer: True)
+    with caplog.at_level("INFO"):
+        restarted = _run([*job, "--output_dir", str(tmp_path / "restarted")])
+    assert "Stage two trains a new model built from stage one's weights" in caplog.text
+    assert restarted["test_map"] == in_place["test_map"]
+    assert restarted["stage2_train_loss"] == in_place["stage2_train_loss"]
+    from safetensors.torch import load_file
+
+    weights = [load_file(str(tmp_path / name / "model.safetensors")) for name in ("in_place", "restarted")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    assert (tmp_path / "restarted" / "predictions_preview.png").is_file()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the case of a machine without a GPU")
 def test_bf16_without_a_gpu_trains_on_the_cpu(tmp_path, caplog):
     """--bf16 true alone, on a machine without a GPU: use_cpu is set (and said), the run trains in bfloat16 autocast

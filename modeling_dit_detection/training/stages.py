@@ -115,8 +115,13 @@ def prepare_output_dir(training_args, overwrite: bool, model_source: str | None 
 def train_in_stages(model, training_args, plan, make_trainer, feature_caching: FeatureCaching | None = None):
     """Stage one (frozen backbone), then stage two (backbone trains), as `plan` (a `StagePlan`) lays them out, each
     its own Trainer and DDP wrap, each with its own checkpoints under output_dir/stage1, output_dir/stage2.
-    `make_trainer(args)` builds a stage's Trainer. Returns the last trainer (None if nothing was left to train)
-    and the train metrics of both stages, `stage1_*` and `stage2_*`, also for a stage finished before a resume.
+    `make_trainer(args, model)` builds a stage's Trainer. Returns the last trainer (None if nothing was left to
+    train), the model as trained last, and the train metrics of both stages, `stage1_*` and `stage2_*`, also for a
+    stage finished before a resume.
+
+    Where stage one's Trainer sharded the model in place (FSDP, DeepSpeed: `wraps_model_in_place`), stage two trains
+    a new model built from stage one's saved weights: FSDP refuses to wrap a model that holds FSDP units, and a
+    second DeepSpeed engine on the same modules would hook them twice.
 
     `feature_caching` (`--cache_frozen_features`): stage one runs with flip-only augmentation and the backbone's
     feature maps cached (`FeatureCaching.serving`), and reports `stage1_feature_cache_*`; the backbone is back in
@@ -146,7 +151,7 @@ def train_in_stages(model, training_args, plan, make_trainer, feature_caching: F
         length_args = {"max_steps": int(length)} if plan.in_steps else {"num_train_epochs": length}
         args = dataclasses.replace(training_args, output_dir=str(stage_dir), push_to_hub=False,
                                    resume_from_checkpoint=None, **length_args)
-        trainer = make_trainer(args)
+        trainer = make_trainer(args, model)
         checkpoint = None
         if given_stage == stage_dir.name:
             checkpoint = str(given_checkpoint)
@@ -170,7 +175,27 @@ def train_in_stages(model, training_args, plan, make_trainer, feature_caching: F
             trainer.save_model(str(stage_one_done.parent / "final"))
             if trainer.is_world_process_zero():
                 stage_one_done.write_text("stage one finished\n")
-    return trainer, metrics
+            if plan.stage_two > 0 and wraps_model_in_place(trainer):
+                trainer.accelerator.wait_for_everyone()  # the main process wrote the weights
+                model = unwrapped_copy(model, stage_one_done.parent / "final")
+                logger.info("Stage two trains a new model built from stage one's weights (the sharded model "
+                            "cannot be wrapped again).")
+    return trainer, model, metrics
+
+
+def wraps_model_in_place(trainer) -> bool:
+    """Whether `trainer` changed the model's own modules when it wrapped it: FSDP replaces the wrapped blocks by
+    FSDP units, DeepSpeed partitions parameters (ZeRO-3) and hooks them. DDP leaves the model as it was."""
+    return bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+
+
+def unwrapped_copy(model, folder: Path):
+    """A new model of `model`'s configuration with the weights saved in `folder` (a `save_model` folder)."""
+    from ..modeling_dit_detection import DiTForObjectDetection
+
+    copy = DiTForObjectDetection(model.config)
+    _load_weights(copy, folder)
+    return copy
 
 
 def _read_stage_metrics(stage_dir: Path, number: int) -> dict:
