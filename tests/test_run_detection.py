@@ -628,3 +628,51 @@ def test_accelerate_launch_ddp_config_trains_both_stages_in_step_on_every_proces
     assert blocks and all(not torch.equal(one[key], two[key]) for key in blocks if key.endswith(".weight"))
     saved = load_file(str(output_dir / "model.safetensors"))
     assert all(torch.equal(saved[key], two[key]) for key in saved)
+
+
+CRASHING_JOB = """
+import logging
+import os
+import sys
+sys.path.insert(0, {tests!r})
+from helpers import StageRecorder, load_run_detection
+
+logging.basicConfig(level=logging.INFO)
+run_detection = load_run_detection()
+crash_step = os.environ.get("CRASH_AT_STAGE2_STEP")  # every process raises after that step, as a killed job stops
+callbacks = [StageRecorder(fail_at=("stage2", int(crash_step)))] if crash_step else []
+run_detection.run(*run_detection.parse_arguments(sys.argv[1:]), callbacks=callbacks)
+"""
+
+
+@pytest.mark.slow
+def test_a_resumed_two_process_run_ends_where_the_uninterrupted_one_ends(tmp_path):
+    """torchrun, 2 CPU processes: a run stopped in the middle of stage two's second epoch, after a checkpoint,
+    then resumed with --resume_from_checkpoint true (2 processes again), ends with the weights of the uninterrupted
+    2-process run."""
+    from safetensors.torch import load_file
+
+    job = tmp_path / "job.py"
+    job.write_text(CRASHING_JOB.format(tests=str(ROOT / "tests")))
+    argv = [*SMALL_JOB, "--num_train_epochs", "3", "--augmentation", "strong", "--eval_strategy", "no",
+            "--save_strategy", "steps", "--save_steps", "1", "--synthetic_eval_size", "2", "--report_to", "none",
+            "--preview_images", "0", "--use_cpu", "true", "--ddp_backend", "gloo"]
+
+    def torchrun(output: str, *extra: str, crash_step: int | None = None):
+        env = worker_env(**({"CRASH_AT_STAGE2_STEP": str(crash_step)} if crash_step else {}))
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(_free_port()), str(job), *argv, "--output_dir",
+                               str(tmp_path / output), *extra], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=600, env=env)
+
+    whole = torchrun("whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = torchrun("resumed", crash_step=3)  # 24 images / (2 processes x 8): 2 steps per epoch
+    assert stopped.returncode != 0 and "simulated crash" in stopped.stderr
+    assert (tmp_path / "resumed" / "stage2" / "checkpoint-2").is_dir()
+    resumed = torchrun("resumed", "--resume_from_checkpoint", "true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming stage 2 from" in resumed.stderr
+    expected, actual = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("whole", "resumed"))
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-6, msg=key)
