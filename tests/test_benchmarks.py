@@ -96,3 +96,27 @@ def test_frozen_cache_benchmark_runs_both_modes_and_tabulates(capsys):
     table = [line for line in lines if line.startswith("| ")]
     assert len(table) == 1 + 3 and "speed-up" in table[0]
     assert any("KiB per input" in line for line in lines)
+
+
+xl_memory = load_benchmark("xl_memory")
+
+
+def test_largest_batch_from_two_measured_peaks():
+    rows = [{"variant": "stage2", "batch": 1, "peak_gib": 12.0}, {"variant": "stage2", "batch": 2, "peak_gib": 14.5},
+            {"variant": "stage1", "batch": 1, "peak_gib": 5.0}]  # one batch size: no slope, no estimate
+    fits = xl_memory.largest_batches(rows, gpu_gib=80)
+    assert set(fits) == {"stage2"}
+    assert fits["stage2"]["per_image_gib"] == pytest.approx(2.5)
+    assert fits["stage2"]["fixed_gib"] == pytest.approx(9.5)
+    assert fits["stage2"]["largest_batch"] == 28  # (80 - 9.5) / 2.5 = 28.2
+    assert fits["stage2"]["largest_batch_4x_tokens"] == 7  # (80 - 9.5) / 10
+
+
+def test_a_measured_step_trains_what_the_variant_says():
+    full = xl_memory.measure(xl_memory.Variant(2, False, False, False), 2, 32, "cpu", preset="tiny-latent")
+    folded = xl_memory.measure(xl_memory.Variant(2, True, True, True), 2, 32, "cpu", preset="tiny-latent")
+    frozen = xl_memory.measure(xl_memory.Variant(1, False, False, False), 2, 32, "cpu", preset="tiny-latent")
+    assert folded["parameters"] < full["parameters"]  # the adaLN MLPs and embedders are gone
+    assert frozen["trainable_parameters"] < full["trainable_parameters"]
+    assert full["trainable_parameters"] < full["parameters"]  # the VAE never trains
+    assert all(row["peak_gib"] > 0 and row["step_seconds"] > 0 for row in (full, folded, frozen))
