@@ -170,11 +170,13 @@ def test_two_process_streamed_run_counts_the_bad_record_once(tmp_path):
     record), both stages train, and the bad record, read by one process only, is counted once in the summed report."""
     data_dir = write_shards(tmp_path / "shards")
     output_dir = tmp_path / "ddp"
-    argv = [*_job(data_dir, output_dir, "--skip_bad_images", "true", "--per_device_train_batch_size", "2"),
-            "--ddp_backend", "gloo", "--use_cpu", "true"]
+    # 3 steps of 2 records per stage and process: each process reads all of its 6 records (5 usable on one of them).
+    argv = [*_job(data_dir, output_dir, "--skip_bad_images", "true", "--per_device_train_batch_size", "2",
+                  "--max_steps", "6"), "--ddp_backend", "gloo", "--use_cpu", "true"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(_free_port()), str(ROOT / "run_detection.py"), *argv],
                             capture_output=True, text=True, cwd=tmp_path, timeout=600, env=worker_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     written = json.loads((output_dir / "all_results.json").read_text())
-    assert written["stream_data_check_bad_image"] == 1 and "eval_map" in written
+    assert written["stream_data_check_bad_image"] == 1 and written["stream_data_check_box_outside"] == 1
+    assert "eval_map" in written
