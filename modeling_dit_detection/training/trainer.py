@@ -147,6 +147,14 @@ class DetectionTrainer(Trainer):
             self._callback(StreamDataCheck).add(issues)
         return super().training_step(model, inputs, *args, **kwargs)
 
+    def _save_checkpoint(self, model, trial):
+        # Only the main process writes trainer_state.json: before it does, every process gets the union of the streamed
+        # records' findings, so a resume restores all processes' (every process calls this, a collective is safe).
+        if any(isinstance(c, StreamDataCheck) for c in self.callback_handler.callbacks):
+            check = self._callback(StreamDataCheck)
+            check.issues = gather_issues(check.issues)
+        return super()._save_checkpoint(model, trial)
+
     def _callback(self, kind):
         return next(c for c in self.callback_handler.callbacks if isinstance(c, kind))
 
