@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
+import datasets
 from datasets import DatasetDict
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
@@ -30,6 +31,7 @@ from modeling_dit_detection.image_processing_dit_detection import load_rgb
 from modeling_dit_detection.training.data import (
     DataReport,
     DetectionTransform,
+    _canonicalize,
     check_object_counts,
     clean_split,
     coco_ground_truth,
@@ -47,6 +49,17 @@ from modeling_dit_detection.training.synthetic_data import make_synthetic_detect
 from modeling_dit_detection.training.feature_cache import FeatureCaching
 from modeling_dit_detection.training.stages import (prepare_output_dir, remove_stage_one_model, train_in_stages,
                                                     unwrapped_copy, wraps_model_in_place)
+from modeling_dit_detection.training.streaming import (
+    DEFAULT_MAX_EVAL_SAMPLES,
+    STAGE_SEED_OFFSET,
+    StreamedTrainSet,
+    check_streaming_arguments,
+    load_stream,
+    read_stream_report,
+    shard_stream,
+    stream_labels,
+    streamed_eval_splits,
+)
 from modeling_dit_detection.training.trainer import AugmentationEpoch, DetectionTrainer
 from modeling_dit_detection.visualization import detection_grid
 
@@ -78,6 +91,8 @@ TRAINING_DEFAULTS = {
     "seed": 42,
     "dataloader_pin_memory": torch.cuda.is_available(),
 }
+# With --streaming: a stream has no epochs, so evaluation and checkpoints go by steps.
+STREAMING_DEFAULTS = {"eval_strategy": "steps", "save_strategy": "steps", "eval_steps": 500, "save_steps": 500}
 
 
 @dataclass
@@ -123,7 +138,17 @@ class DataArguments:
         "help": "Fraction (0..1, e.g. 0.15) of train held out for validation when the data has no validation split."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={
-        "help": "Use at most this many validation and test images."})
+        "help": "Use at most this many validation and test images (with --streaming: the first N records of each "
+                "eval stream, materialised; default 1000)."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Read the train split of --dataset_name (a Hub dataset, or a folder of parquet / arrow / json shards "
+                "or an imagefolder) as a stream, each process its part (split_dataset_by_node), each record checked "
+                "and transformed as it is read; validation and test are their first --max_eval_samples records. "
+                "Needs --max_steps (a stream has no epochs); evaluation and checkpoints go by steps (default every "
+                "500). Not for --coco_annotations, save_to_disk folders or the built-in data."})
+    shuffle_buffer_size: int = field(default=1000, metadata={
+        "help": "With --streaming: records in the shuffle buffer (IterableDataset.shuffle; shard order is shuffled "
+                "too). Each pass over the stream and each stage shuffles with its own seed. 0 or 1: no shuffle."})
     augmentation: str = field(default="strong", metadata={
         "help": "Training augmentation: strong (flip, zoom out, IoU-safe crop, colour jitter), light (flip, colour "
                 "jitter), flip (horizontal flip only) or none. Default: strong; light for the built-in data. With "
@@ -180,7 +205,9 @@ def parse_arguments(argv: list[str]):
         given = _given_options(argv)
     # The built-in job (built-in data, new small DiT) has its own measured settings.
     built_in = not any(given.get(key) for key in ("dataset_name", "coco_annotations", "model_name_or_path"))
-    defaults = {**TRAINING_DEFAULTS, **(SYNTHETIC_DEFAULTS if built_in else {}), **cpu_default(given)}
+    streaming = str(given.get("streaming", False)).lower() in ("true", "1", "yes")
+    defaults = {**TRAINING_DEFAULTS, **(SYNTHETIC_DEFAULTS if built_in else {}),
+                **(STREAMING_DEFAULTS if streaming else {}), **cpu_default(given)}
     if config_file is not None:
         return parser.parse_dict({**defaults, **given})
     parser.set_defaults(**defaults)
@@ -229,6 +256,9 @@ class PreparedData:
     category_ids: list[int]
     report: DataReport
     name: str
+    train_stream: datasets.IterableDataset | None = None  # --streaming: the whole train stream (splits has no train)
+    held_out: set[int] = field(default_factory=set)  # --streaming: train image_ids held out as validation
+    category_key: str = "category"
 
 
 def prepare_data(data_args: DataArguments, training_args: TrainingArguments) -> PreparedData:
@@ -236,6 +266,8 @@ def prepare_data(data_args: DataArguments, training_args: TrainingArguments) -> 
     main process first, so downloads, caches and the check's cache files are made once per machine. A limit below 1
     is refused before anything is read; a split that the check leaves empty is an error."""
     check_sample_limits(data_args)
+    if data_args.streaming:
+        return prepare_streamed_data(data_args, training_args)
     report = DataReport()  # loading counts what it drops (COCO annotations of no image), the check its fixes
     with training_args.main_process_first(desc="loading the data"):
         dataset, id2label, category_ids, name = load_data(data_args, training_args.seed, report)
@@ -255,6 +287,43 @@ def prepare_data(data_args: DataArguments, training_args: TrainingArguments) -> 
             raise ValueError(f"The {split!r} split is empty after the data check: nothing to train or evaluate "
                              f"on.\n{report.summary()}")
     return PreparedData(dataset, id2label, category_ids, report, name)
+
+
+def prepare_streamed_data(data_args: DataArguments, training_args: TrainingArguments) -> PreparedData:
+    """--streaming: the train split as a stream (checked record by record as training reads it, `StreamedTrainSet`);
+    validation and test as the first --max_eval_samples records of their streams (of train, held out, where there is
+    no validation split), materialised and then canonicalised and checked as the non-streaming path does."""
+    report = DataReport()
+    with training_args.main_process_first(desc="opening the stream"):
+        streams = load_stream(data_args.dataset_name, data_args.dataset_config_name, token=training_args.hub_token)
+        category_key, id2label = stream_labels(streams["train"])
+        raw_eval, held_out = streamed_eval_splits(streams, data_args.max_eval_samples or DEFAULT_MAX_EVAL_SAMPLES)
+        splits, eval_labels = _canonicalize(raw_eval, data_args.bbox_format)
+    if eval_labels != id2label:
+        raise ValueError(f"The eval splits' classes {eval_labels} differ from the train stream's {id2label}.")
+    with training_args.main_process_first(desc="validating the eval data"):
+        for split in list(splits):
+            splits[split] = clean_split(splits[split], len(id2label), split, report,
+                                        skip_bad_images=data_args.skip_bad_images)
+    logger.info("Data check of the eval splits (train records are checked as they stream):\n%s", report.summary())
+    for split in splits:
+        if len(splits[split]) == 0:
+            raise ValueError(f"The {split!r} split is empty after the data check: nothing to evaluate on.\n"
+                             f"{report.summary()}")
+    return PreparedData(splits, id2label, list(range(len(id2label))), report, data_args.dataset_name,
+                        train_stream=streams["train"], held_out=held_out, category_key=category_key)
+
+
+def streamed_train_set(data: PreparedData, data_args: DataArguments, training_args: TrainingArguments, transform,
+                       stage: int) -> StreamedTrainSet:
+    """This process's part of the train stream for stage `stage` (1 or 2; each stage starts the stream over with its
+    own shuffle seed), checked and transformed record by record."""
+    seed = training_args.seed + (stage - 1) * STAGE_SEED_OFFSET
+    part = shard_stream(data.train_stream, training_args.process_index, training_args.world_size, seed,
+                        data_args.shuffle_buffer_size, data_args.max_train_samples)
+    return StreamedTrainSet(part, transform, len(data.id2label), data_args.bbox_format, data.category_key,
+                            data.held_out, data_args.skip_bad_images, training_args.process_index,
+                            training_args.world_size)
 
 
 def check_sample_limits(data_args: DataArguments) -> None:
@@ -374,13 +443,18 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     stage_plan(stage_args, training_args, pretrained_backbone=model_args.model_name_or_path is not None)
     check_feature_cache_arguments(stage_args)
     check_sample_limits(data_args)
+    if data_args.streaming:
+        check_streaming_arguments(data_args.dataset_name, data_args.coco_annotations, training_args.max_steps,
+                                  training_args.eval_strategy, training_args.save_strategy)
     prepare_output_dir(training_args, stage_args.overwrite_output_dir, model_args.model_name_or_path)
     set_seed(training_args.seed)
     started = time.time()
 
     data = prepare_data(data_args, training_args)
     id2label, splits = data.id2label, data.splits
-    train, validation, test = splits["train"], splits["validation"], splits.get("test")
+    train, validation, test = splits.get("train"), splits["validation"], splits.get("test")
+    streaming = data.train_stream is not None
+    known = validation if streaming else train  # a stream's records are unknown before training reads them
 
     if model_args.model_name_or_path is None and (data_args.dataset_name or data_args.coco_annotations):
         logger.warning("No --model_name_or_path: training a new, randomly initialised DiT on your data. Give a "
@@ -389,9 +463,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     detector = load_detector(model_args.model_name_or_path, id2label, preset=model_args.model_preset or "small",
                              overrides=overrides, vae=model_args.vae_name_or_path,
                              fold_conditioning=model_args.fold_conditioning, token=training_args.hub_token,
-                             image_sizes=list(zip(train["height"], train["width"])))
+                             image_sizes=list(zip(known["height"], known["width"])))
     model, base_model = detector.model, model_args.model_name_or_path
-    check_object_counts(train, model.config.num_queries, "train")  # objects beyond num_queries are never matched
+    check_object_counts(known, model.config.num_queries, "validation" if streaming else "train")  # objects beyond num_queries are never matched
     processor = DiTDetectionImageProcessor(size=dict(zip(("height", "width"), model.config.image_size)),
                                            size_divisor=model.config.backbone_stride)
     plan = stage_plan(stage_args, training_args, detector.pretrained_backbone)
@@ -400,7 +474,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     # The model's input size is the processor's: the training augmentation resizes to it, the eval transform too.
     augmentation = make_train_augmentation(processor_size(processor), data_args.augmentation)
     train_transform = DetectionTransform(processor, augmentation, seed=training_args.seed)
-    train_set = train.with_transform(train_transform)
+    train_set = None if streaming else train.with_transform(train_transform)
     eval_splits = {"eval": validation} | ({"test": test} if test is not None else {})  # by their metrics' prefix
     eval_sets = {prefix: split.with_transform(DetectionTransform(processor)) for prefix, split in eval_splits.items()}
     # Each eval split is scored against its own records as COCO ground truth (crowd regions, areas, original ids).
@@ -408,11 +482,16 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
         prefix: coco_ground_truth(split, id2label, data.category_ids) for prefix, split in eval_splits.items()})
 
     def make_trainer(args, model):
-        return DetectionTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets["eval"],
+        if streaming:  # each stage (its own output folder) starts the stream over with its own shuffle seed
+            stage = 2 if Path(args.output_dir).name == "stage2" else 1
+            stage_set = streamed_train_set(data, data_args, training_args, train_transform, stage)
+        return DetectionTrainer(model=model, args=args, train_dataset=stage_set if streaming else train_set,
+                                eval_dataset=eval_sets["eval"],
                                 data_collator=collate_fn, processing_class=processor,
                                 compute_metrics=evaluator, preprocess_logits_for_metrics=evaluator.preprocess,
                                 backbone_learning_rate=plan.backbone_learning_rate, layer_decay=plan.layer_decay,
-                                callbacks=[AugmentationEpoch(train_transform), *callbacks])
+                                # a stream sets its passes' augmentation epoch itself
+                                callbacks=[*([] if streaming else [AugmentationEpoch(train_transform)]), *callbacks])
 
     caching = None
     if stage_args.cache_frozen_features:
@@ -427,6 +506,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
     metrics["train_minutes"] = round((time.time() - started) / 60, 2)
 
     output_dir = Path(training_args.output_dir)
+    if streaming:  # what the check found in the streamed records, each once, all processes and both stages
+        found = read_stream_report(output_dir, data.report)
+        metrics.update({f"stream_data_check_{issue}": count for issue, count in found.items()})
+        logger.info("Data check of the streamed train records and the eval splits:\n%s", data.report.summary())
     trainer.save_model(str(output_dir))  # weights, config with auto_map, the code, preprocessor_config.json
     if trainer.is_world_process_zero():
         remove_stage_one_model(output_dir)
@@ -438,7 +521,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
         summary = TrainingSummary(
             model_name=output_dir.name, dataset_name=data.name, metrics=metrics,
             repo_id=training_args.hub_model_id or output_dir.name, base_model=base_model,
-            num_train_images=len(train), num_eval_images=len(validation),
+            num_train_images="streamed" if streaming else len(train), num_eval_images=len(validation),
             stage_plan=plan, feature_caching=caching.describe() if caching and plan.stage_one > 0 else "",
             data_report="; ".join(line.strip() for line in data.report.summary().splitlines()[1:]),
             hyperparameters={key: getattr(getattr(training_args, key), "value", getattr(training_args, key))

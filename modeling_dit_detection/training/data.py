@@ -415,34 +415,45 @@ def _canonical_split(dataset: Dataset, split: str, bbox_format: str, key: str, l
         offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
 
     def convert(example, index):
-        objects = _dict_of_lists(example["objects"])
-        width, height = example.get("width"), example.get("height")
-        if width is None or height is None or bbox_format == "yolo":
-            # YOLO boxes are fractions of the displayed image: never scale them by a stored size that may be wrong
-            # or refer to the image before its EXIF rotation.
-            width, height = _displayed_size_or_zero(example["image"])
-        boxes = []
-        for j, box in enumerate(objects.get("bbox") or []):  # a null list: no objects
-            if box is None or len(box) != 4:
-                raise ValueError(f"Split {split!r}, row {index}, image_id {example.get('image_id', index)}, "
-                                 f"object {j}: bbox must be 4 numbers, got {box!r}.")
-            boxes.append(_to_coco([math.nan if v is None else float(v) for v in box], bbox_format, width, height))
-        categories = objects.get(key) or []
-        ids = list(range(offsets[index], offsets[index] + len(boxes))) if number_objects else objects.get("id") or []
-        image_id = example.get("image_id", index)
-        if not isinstance(image_id, int) or isinstance(image_id, bool):  # e.g. file names: the row index serves
-            image_id = index
-        crowd = objects.get("iscrowd")  # absent in most sources: then nothing is a crowd region
-        return {"image_id": image_id, "width": width, "height": height,
-                "objects": {"id": ids, "area": objects.get("area") or [w * h for _, _, w, h in boxes],
-                            "bbox": boxes, "category": [lookup[c] for c in categories] if lookup else categories,
-                            "iscrowd": [0] * len(boxes) if crowd is None else [int(bool(c)) for c in crowd]}}
+        ids = list(range(offsets[index], offsets[index] + len(_dict_of_lists(example["objects"]).get("bbox") or []))) \
+            if number_objects else None
+        return canonical_record(example, index, split, bbox_format, key, lookup, ids)
 
     undecoded = dataset.cast_column("image", Image(decode=False))
     converted = undecoded.map(convert, with_indices=True, features=_UNDECODED_FEATURES,
                               remove_columns=[c for c in dataset.column_names if c != "image"],
                               desc=f"Converting {split} to the canonical schema")
     return converted.cast_column("image", Image())
+
+
+def canonical_record(example: dict, index: int, split: str, bbox_format: str, key: str,
+                     lookup: dict[str, int] | None, ids: list[int] | None) -> dict:
+    """One source record (image undecoded) -> the canonical fields other than the image: boxes to COCO pixels,
+    categories to ints (`lookup`: name -> label, for string categories), missing fields filled. `index`: the record's
+    position (its image_id where it has no integer one; named in errors); `ids`: the objects' ids where the source has
+    none (None: the source's `id` list)."""
+    objects = _dict_of_lists(example["objects"])
+    width, height = example.get("width"), example.get("height")
+    if width is None or height is None or bbox_format == "yolo":
+        # YOLO boxes are fractions of the displayed image: never scale them by a stored size that may be wrong
+        # or refer to the image before its EXIF rotation.
+        width, height = _displayed_size_or_zero(example["image"])
+    boxes = []
+    for j, box in enumerate(objects.get("bbox") or []):  # a null list: no objects
+        if box is None or len(box) != 4:
+            raise ValueError(f"Split {split!r}, row {index}, image_id {example.get('image_id', index)}, "
+                             f"object {j}: bbox must be 4 numbers, got {box!r}.")
+        boxes.append(_to_coco([math.nan if v is None else float(v) for v in box], bbox_format, width, height))
+    categories = objects.get(key) or []
+    ids = (objects.get("id") or []) if ids is None else ids
+    image_id = example.get("image_id", index)
+    if not isinstance(image_id, int) or isinstance(image_id, bool):  # e.g. file names: the row index serves
+        image_id = index
+    crowd = objects.get("iscrowd")  # absent in most sources: then nothing is a crowd region
+    return {"image_id": image_id, "width": width, "height": height,
+            "objects": {"id": ids, "area": objects.get("area") or [w * h for _, _, w, h in boxes],
+                        "bbox": boxes, "category": [lookup[c] for c in categories] if lookup else categories,
+                        "iscrowd": [0] * len(boxes) if crowd is None else [int(bool(c)) for c in crowd]}}
 
 
 def _dict_of_lists(objects) -> dict[str, list]:

@@ -17,6 +17,7 @@ from transformers.trainer_callback import ExportableState
 from ..modeling_dit_backbone import DiTBackbone
 from .coco_metric import DetectionEvaluator
 from .feature_cache import real_backbone
+from .streaming import StreamDataCheck, gather_issues, streaming_collate_fn, write_stage_issues
 
 logger = logging.getLogger(__name__)
 _BLOCK = re.compile(r"(?:^|\.)backbone\.layers\.(\d+)\.")
@@ -123,10 +124,51 @@ class DetectionTrainer(Trainer):
             "was changed and the last checkpoint is intact. Check those images' boxes, or lower --learning_rate / "
             "raise --warmup_steps, then --resume_from_checkpoint true.")
 
+    def get_train_dataloader(self):
+        if not getattr(self.train_dataset, "split_by_node", False):
+            return super().get_train_dataloader()
+        # A stream already split between the processes (`StreamedTrainSet`): each process loads its own part. Through
+        # `accelerator.prepare` it would be dispatched from process 0 (Accelerate's default for iterable datasets) or
+        # sharded a second time; prepared as a one-process loader it only moves batches to the device.
+        from accelerate.data_loader import prepare_data_loader
+
+        args = self.args
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=self._train_batch_size, collate_fn=streaming_collate_fn,
+            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor if args.dataloader_num_workers > 0 else None)
+        return prepare_data_loader(loader, device=args.device, num_processes=1, process_index=0, put_on_device=True,
+                                   dispatch_batches=False, non_blocking=self.accelerator.non_blocking)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        issues = inputs.pop("data_issues", None)  # a streamed batch's data-check findings: counted, not a model input
+        if issues:
+            self._callback(StreamDataCheck).add(issues)
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        # Only the main process writes trainer_state.json: before it does, every process gets the union of the streamed
+        # records' findings, so a resume restores all processes' (every process calls this, a collective is safe).
+        if any(isinstance(c, StreamDataCheck) for c in self.callback_handler.callbacks):
+            check = self._callback(StreamDataCheck)
+            check.issues = gather_issues(check.issues)
+        return super()._save_checkpoint(model, trial)
+
+    def _callback(self, kind):
+        return next(c for c in self.callback_handler.callbacks if isinstance(c, kind))
+
     def train(self, resume_from_checkpoint=None, **kwargs):
+        if getattr(self.train_dataset, "split_by_node", False) and not any(
+                isinstance(c, StreamDataCheck) for c in self.callback_handler.callbacks):
+            self.add_callback(StreamDataCheck())
         if resume_from_checkpoint:
             self._restore_stage_loss(resume_from_checkpoint)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if any(isinstance(c, StreamDataCheck) for c in self.callback_handler.callbacks):
+            issues = gather_issues(self._callback(StreamDataCheck).issues)
+            if self.is_world_process_zero():
+                write_stage_issues(Path(self.args.output_dir), issues)
         tracker = self.callback_handler.callbacks[self._stage_loss_index()]
         totals = torch.tensor([tracker.total, float(tracker.batches)], dtype=torch.float64, device=self.args.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -138,12 +180,17 @@ class DetectionTrainer(Trainer):
     def _restore_stage_loss(self, checkpoint: str) -> None:
         # The Trainer restores callback states only with --restore_callback_states_from_checkpoint; this one is part
         # of what a resume must restore, so it is read back from the checkpoint's trainer_state.json here.
+        # The streamed records' data-check findings likewise (the batches a resume skips never reach training).
         stored = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("stateful_callbacks", {})
         saved = stored.get(StageLoss.__name__)
         if saved:
             saved = saved[0] if isinstance(saved, list) else saved
             tracker = self.callback_handler.callbacks[self._stage_loss_index()]
             tracker.total, tracker.batches = saved["args"]["total"], saved["args"]["batches"]
+        saved = stored.get(StreamDataCheck.__name__)
+        if saved and any(isinstance(c, StreamDataCheck) for c in self.callback_handler.callbacks):
+            saved = saved[0] if isinstance(saved, list) else saved
+            self._callback(StreamDataCheck).add([(int(k), v) for k, v in saved["args"]["issues"].items()])
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # `compute_metrics` is not told which split it scores; a DetectionEvaluator with per-split ground truth is,
