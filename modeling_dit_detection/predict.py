@@ -114,7 +114,7 @@ def _unsearchable(error: OSError) -> None:
     logger.warning("Cannot search %s for images (%s); its images are left out.", error.filename, error.strerror)
 
 
-def _read_image(path: Path) -> PIL.Image.Image:
+def read_image(path: Path) -> PIL.Image.Image:
     """The image at `path` as RGB (see `load_rgb`), decoded now, so that a bad file fails here and not in a batch.
     PIL's warnings about it (e.g. a size near the decompression-bomb limit) are logged with the path."""
     if not path.is_file():  # opening a FIFO would block; a broken link has nothing to read
@@ -134,7 +134,7 @@ def _readable_images(paths: Iterable[Path], skipped: list[dict], progress) -> It
     `skipped` as {"file_name", "error"}."""
     for path in paths:
         try:
-            image = _read_image(path)
+            image = read_image(path)
         # Any failure to decode one file skips that file: depending on the format, PIL raises OSError, ValueError,
         # SyntaxError, struct.error, DecompressionBombError, MemoryError, ...
         except Exception as error:
@@ -299,6 +299,24 @@ def category_ids(config) -> list[int]:
     return list(ids)
 
 
+def _load_weights(model_name_or_path: str, config, device: str | torch.device | None, trust_remote_code: bool):
+    """The detector of `model_name_or_path` with `config`, in eval mode on `device` (default: the first available)."""
+    model = _load(AutoModelForObjectDetection.from_pretrained, model_name_or_path, "weights", config=config,
+                  trust_remote_code=trust_remote_code)
+    return model.to(torch.device(device) if device is not None else default_device()).eval()
+
+
+def load_model(model_name_or_path: str, device: str | torch.device | None = None, trust_remote_code: bool = False):
+    """(model, image processor) of a trained detector (Hub id or folder), loaded as `predict` loads them, ready for
+    `detect`; a problem is a PredictError that says it in terms of --model. For callers that keep the model, e.g.
+    the demo app (app.py)."""
+    _check_model_reference(model_name_or_path)
+    config = _load(AutoConfig.from_pretrained, model_name_or_path, "config", trust_remote_code=trust_remote_code)
+    processor = _load(AutoImageProcessor.from_pretrained, model_name_or_path, "image processor",
+                      trust_remote_code=trust_remote_code)
+    return _load_weights(model_name_or_path, config, device, trust_remote_code), processor
+
+
 @torch.no_grad()
 def detect(model, processor, images: list[PIL.Image.Image], threshold: float) -> list[dict[str, torch.Tensor]]:
     """Detections of `model` on RGB `images`, one dict per image on the CPU: `scores` [k], `labels` [k], `boxes`
@@ -363,9 +381,7 @@ def predict(model_name_or_path: str, inputs: list[str] | str | os.PathLike, outp
     paths = find_images(inputs, exclude=output)
     names = plan_outputs(paths, output, overwrite)
 
-    model = _load(AutoModelForObjectDetection.from_pretrained, model_name_or_path, "weights", config=config,
-                  trust_remote_code=trust_remote_code)
-    model.to(torch.device(device) if device is not None else default_device()).eval()
+    model = _load_weights(model_name_or_path, config, device, trust_remote_code)
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     skipped = []
     coco = {"info": {"description": f"Detections of {model_name_or_path}", "tool": TOOL, "threshold": threshold,
