@@ -1,5 +1,5 @@
-"""Shared builders for the tests: tiny configs, valid targets, the run_detection.py, pretrain_dit.py and benchmark
-scripts as modules."""
+"""Shared builders for the tests: tiny configs, valid targets, the run_detection.py, pretrain_dit.py, app.py and
+benchmark scripts as modules."""
 
 import importlib.util
 import os
@@ -88,6 +88,16 @@ def load_run_detection():
         sys.modules["run_detection"] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
     return sys.modules["run_detection"]
+
+
+def load_app():
+    """The top-level demo app.py as a module (it needs gradio, the `demo` extra)."""
+    if "app" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("app", ROOT / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["app"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["app"]
 
 
 def load_pretrain_dit():
