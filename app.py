@@ -80,7 +80,7 @@ class Detector:
         """(model, processor) once loaded; a gr.Error (shown on the page) if the load failed."""
         self._done.wait()
         if self.error:
-            raise gr.Error(f"The model could not be loaded: {self.error}")
+            raise gr.Error(f"The model could not be loaded: {self.error}", print_exception=False)  # logged by _load
         return self.model, self.processor
 
 

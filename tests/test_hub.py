@@ -154,3 +154,13 @@ def test_card_metadata_names_only_hub_ids(tmp_path):
     hub = render_model_card(tiny_config(), TrainingSummary(model_name="m", dataset_name="rishitdagli/cppe-5",
                                                            metrics=metrics, base_model="facebook/DiT-XL-2-256"), template)
     assert hub.data.base_model == "facebook/DiT-XL-2-256" and hub.data.datasets == ["rishitdagli/cppe-5"]
+
+
+def test_space_card_runs_the_demo_app():
+    """The Space card's front matter (the README.md of a demo Space, see README "Demo") makes a Gradio Space whose app
+    file is the repository's app.py."""
+    from huggingface_hub import SpaceCard
+
+    card = SpaceCard.load(ROOT / "model_cards" / "space_README.md")
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py"
+    assert (ROOT / card.data.app_file).is_file()
