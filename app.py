@@ -92,10 +92,10 @@ def annotate(image: PIL.Image.Image, result: dict, id2label: dict[int, str]) -> 
 
 def table(result: dict, id2label: dict[int, str]) -> list[list]:
     """One row per detection, best first: label, score (3 decimals), box x0, y0, x1, y1 (pixels, 1 decimal)."""
-    rows = [[id2label.get(label, str(label)), round(score, 3), *(round(value, 1) for value in box)]
-            for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(),
-                                         result["boxes"].tolist())]
-    return sorted(rows, key=lambda row: -row[1])
+    found = sorted(zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()),
+                   key=lambda detection: -detection[0])  # by the score itself: rounded ones can tie
+    return [[id2label.get(label, str(label)), round(score, 3), *(round(value, 1) for value in box)]
+            for score, label, box in found]
 
 
 def run(detector: Detector, path: str | None, threshold: float, progress=gr.Progress()):
