@@ -3,7 +3,7 @@ Chromium (the system's `chromium`, driven by Playwright; no browser is ever down
 threshold slider as a person would, and the page must show what `modeling_dit_detection.predict.detect` gives.
 
 Needs the `demo` extra (gradio) and playwright (the `test` extra): without them this module is skipped, saying so,
-unless REQUIRE_BROWSER_TEST=1 (set by .ci/run), where their absence fails. A missing Chromium always fails, with the
+unless REQUIRE_BROWSER_TEST=1 (set by .ci/run), where their absence fails; the same for a missing Chromium, with the
 command that installs it.
 """
 
@@ -104,8 +104,11 @@ def _wait_until_served(url: str, server: subprocess.Popen, log) -> None:
 def browser():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.fail("No chromium on PATH: the browser test uses the system's Chromium (apt-get install chromium); "
-                    "Playwright's own browser download is never used.")
+        message = ("No chromium on PATH: the browser test uses the system's Chromium (apt-get install chromium); "
+                   "Playwright's own browser download is never used.")
+        if os.environ.get("REQUIRE_BROWSER_TEST") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium)
         yield browser
