@@ -2,7 +2,7 @@
 diffusion-pretrained DiT, with the same budget and few labels, and print a markdown table of test mAP.
 
     python benchmarks/pretraining_for_detection.py --work_dir outputs/pretraining-experiment \
-        [--pretrained DIR | --pretrain_steps 5000] [--labeled_images 200] [--max_steps 500] \
+        [--pretrained DIR | --pretrain_steps 5000] [--labeled_images 200] [--max_steps 600] \
         [--rows all | NAME,NAME] [--jobs 1] [--threads N] [--json results.json] \
         [--data_args "--dataset_name cppe-5"] [--pretrain_args "..."] [--detection_args "..."]
 
@@ -10,7 +10,8 @@ diffusion-pretrained DiT, with the same budget and few labels, and print a markd
    ignored, the "small" DiT (hidden 64, depth 4, patch 4, pixel space, 64x64), `--pretrain_steps` steps of 32 images
    (continued from its latest checkpoint when the folder exists).
 2. Fine-tuning: `run_detection.py` on the first `--labeled_images` training images (default 200, 10% of the 2000
-   the pretraining saw), `--max_steps` steps in every row, evaluated on the whole test split. Every row has the
+   the pretraining saw), `--max_steps` steps in every row at the built-in job's settings (`TRAINING_SETTINGS`),
+   evaluated on the whole test split. Every row has the
    built-in "small" detector's architecture (same DiT, taps at stages 2 and 4, features at t = 0, same neck and
    head); rows differ in where the DiT's weights come from, the recipe, `feature_timestep` or taps:
 
@@ -49,6 +50,12 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL_HEAD = {"d_model": 64, "num_queries": 20, "num_query_groups": 4, "decoder_layers": 3,
               "decoder_attention_heads": 4, "decoder_ffn_dim": 128, "decoder_n_points": 4}
 PRETRAINED_DEFAULTS = {"--out_indices": "2,4", "--feature_timestep": "0"}
+# The built-in job's training settings, given explicitly to every row: run_detection.py applies them by itself only
+# when neither data nor a model is named, so a row with --model_name_or_path would otherwise get the general
+# defaults (lr 1e-4, 3 epochs) and a different stage split. With --max_steps, stage one is 1/14 of the steps.
+TRAINING_SETTINGS = ["--learning_rate", "1e-3", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size",
+                     "32", "--weight_decay", "1e-4", "--warmup_steps", "50", "--max_grad_norm", "1.0",
+                     "--augmentation", "light", "--num_train_epochs", "14"]
 # diffusers' DiT embeds the timestep with 256 sinusoidal frequencies (fixed); the "small" preset uses 64. The random
 # rows take 256 too, so that both detectors are the same architecture down to the last layer.
 RANDOM_DEFAULTS = {"--config_overrides": json.dumps({"frequency_embedding_size": 256})}
@@ -124,6 +131,7 @@ def fine_tune(row: Row, seed: int, pretrained_dir: Path, args: argparse.Namespac
     command = [sys.executable, "run_detection.py", "--output_dir", str(output), "--overwrite_output_dir", "true",
                "--max_train_samples", str(args.labeled_images), "--max_steps", str(args.max_steps),
                "--seed", str(seed), "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
+               *TRAINING_SETTINGS,
                *shlex.split(args.data_args), *shlex.split(args.detection_args), *row.arguments(pretrained_dir)]
     record_file = output / "experiment_row.json"
     if record_file.exists() and json.loads(record_file.read_text())["command"] == command[1:]:
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained", type=Path, help="a diffusers DiT folder to use instead of pretraining one")
     parser.add_argument("--pretrain_steps", type=int, default=5000)
     parser.add_argument("--labeled_images", type=int, default=200)
-    parser.add_argument("--max_steps", type=int, default=500)
+    parser.add_argument("--max_steps", type=int, default=600)
     parser.add_argument("--rows", default="all", help=f"comma-separated row names or 'all': {[r.name for r in ROWS]}")
     parser.add_argument("--jobs", type=int, default=1, help="rows run at the same time")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: torch's)")

@@ -4,8 +4,9 @@ largest batch that fits a GPU of a given size.
     python benchmarks/xl_memory.py [--preset DiT-XL/2] [--image_size 256] [--batch_sizes 1,2] [--device cpu|cuda] [--gpu_gib 80]
                                    [--variants all|NAME,NAME] [--json out.json]
 
-The model is `DiTDetectionConfig.from_preset("DiT-XL/2")`: DiT-XL/2 (28 blocks, hidden 1152) on the SD VAE encoder,
-the default detection head (d_model 256, 300 queries, 13 query groups in training), 80 classes. A step is what the
+The model is `DiTDetectionConfig.from_preset("DiT-XL/2")` as `from_diffusers` builds it from facebook/DiT-XL-2-256:
+DiT-XL/2 (hidden 1152) tapped at blocks 14, 18, 21 with the 7 blocks after the deepest tap dropped, on the SD VAE
+encoder, the default detection head (d_model 256, 300 queries, 13 query groups in training), 80 classes. A step is what the
 Trainer does: forward with the loss on 4 boxes per image, backward, AdamW step; the second step is timed and
 measured (the first allocates the optimiser state). Variants:
 
@@ -71,13 +72,17 @@ def measure(variant: Variant, batch: int, image_size: int, device_name: str, pre
     """One process: build the model, run two training steps, report the second one."""
     import torch
 
-    from modeling_dit_detection import DiTDetectionConfig, DiTForObjectDetection
+    from modeling_dit_detection import DIT_PRESETS, DiTDetectionConfig, DiTForObjectDetection, default_out_indices
     from modeling_dit_detection.training.stages import set_trainable
 
     device = torch.device(device_name)
     torch.manual_seed(0)
+    geometry = {}
+    if preset in DIT_PRESETS:  # as `from_diffusers` builds it: the blocks after the deepest tap are dropped
+        taps = default_out_indices(DIT_PRESETS[preset]["num_hidden_layers"])
+        geometry = {"out_indices": taps, "num_hidden_layers": max(taps)}
     config = DiTDetectionConfig.from_preset(preset, id2label={i: str(i) for i in range(NUM_LABELS)},
-                                            image_size=(image_size, image_size))
+                                            image_size=(image_size, image_size), **geometry)
     model = DiTForObjectDetection(config)
     if variant.fold:
         model.fold_conditioning()
