@@ -119,6 +119,9 @@ def test_sources_that_cannot_stream_are_refused_saying_why(tmp_path):
         _run([*without_dataset, "--dataset_name", str(tmp_path / "saved")])
 
 
+# Slow: each pass over a multi-file stream ends with a 5 s sleep inside datasets (config.SLEEP_TIME_ON_THREADS_SHUTDOWN,
+# a pyarrow thread-shutdown workaround); these tests make 4 and more passes.
+@pytest.mark.slow
 @pytest.mark.parametrize("shards", [3, 4])  # 4 files over 2 ranks: whole shards each; 3: every other record
 def test_two_ranks_see_every_record_exactly_once(tmp_path, shards):
     folder = tmp_path / "data"
@@ -136,6 +139,7 @@ def test_two_ranks_see_every_record_exactly_once(tmp_path, shards):
         assert sorted(seen) == list(range(5 * shards)), epoch
 
 
+@pytest.mark.slow
 def test_a_resumed_streamed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
     """A crash in stage two after a checkpoint, then --resume_from_checkpoint true: the stage restarts its stream and
     the Trainer skips the batches already trained by reading them again, so the final weights equal an uninterrupted
