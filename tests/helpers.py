@@ -80,37 +80,32 @@ def worker_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
-def load_run_detection():
-    """The top-level script run_detection.py as a module (it is not part of the installed package)."""
-    if "run_detection" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("run_detection", ROOT / "run_detection.py")
+def _load_script(name: str):
+    """The top-level script <name>.py as a module named `name` (the scripts are not part of the installed package);
+    registered in sys.modules before it runs, since dataclasses look their module up there."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules["run_detection"] = module  # dataclasses look their module up there
+        sys.modules[name] = module
         spec.loader.exec_module(module)
-    return sys.modules["run_detection"]
+    return sys.modules[name]
+
+
+def load_run_detection():
+    return _load_script("run_detection")
 
 
 def load_app():
-    """The top-level demo app.py as a module (it needs gradio, the `demo` extra)."""
-    if "app" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("app", ROOT / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["app"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["app"]
+    """The demo app.py (it needs gradio, the `demo` extra)."""
+    return _load_script("app")
 
 
 def load_pretrain_dit():
-    """The top-level script pretrain_dit.py as a module; the repository root goes on sys.path, as when the script runs,
-    since it reads detection datasets with run_detection.py's loading."""
+    """pretrain_dit.py; the repository root goes on sys.path, as when the script runs, since it reads detection
+    datasets with run_detection.py's loading."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    if "pretrain_dit" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("pretrain_dit", ROOT / "pretrain_dit.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["pretrain_dit"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["pretrain_dit"]
+    return _load_script("pretrain_dit")
 
 
 def load_benchmark(name: str):
