@@ -108,6 +108,7 @@ def test_pipeline_batches_give_the_same_detections_as_one_by_one(saved_detector,
         assert [d["score"] for d in together] == pytest.approx([d["score"] for d in alone], abs=1e-5)
 
 
+@pytest.mark.slow  # long: a subprocess or a whole run (the default suite stays short)
 def test_pipeline_loads_a_saved_folder_without_prompt_or_unsupported_error(saved_detector, tmp_path):
     """With the package imported and no trust_remote_code: no "Do you wish to run the custom code?" (pipeline()
     probes AutoVideoProcessor, which would derive a video processor from the folder's auto_map) and no error calling

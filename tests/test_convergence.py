@@ -1,5 +1,6 @@
 """The detector learns: a tiny model, trained from scratch, fits a handful of generated images."""
 
+import pytest
 import torch
 from helpers import coco_map, tiny_config
 
@@ -28,6 +29,7 @@ def coloured_rectangles(num_images: int, size: int = 64, seed: int = 0):
     return torch.stack(images), labels
 
 
+@pytest.mark.slow  # long: a subprocess or a whole run (the default suite stays short)
 def test_tiny_detector_fits_a_handful_of_images():
     torch.manual_seed(0)
     images, labels = coloured_rectangles(6)

@@ -37,6 +37,8 @@ def _optional(name: str):
                     "browser test", allow_module_level=True)
 
 
+pytestmark = pytest.mark.slow  # a server and a browser: ~20 s
+
 _optional("gradio")
 sync_api = _optional("playwright.sync_api")
 

@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import PIL.Image
+import pytest
 import torch
 from helpers import ROOT, tiny_config, worker_env
 from huggingface_hub import HfApi, ModelCard
@@ -60,6 +61,7 @@ def _image(path, size=(90, 70)):
     return path
 
 
+@pytest.mark.slow  # long: a subprocess or a whole run (the default suite stays short)
 def test_remote_code_in_a_clean_process_gives_the_installed_packages_boxes(small_job, tmp_path):
     folder, _, _ = small_job
     image_path = _image(tmp_path / "image.png")

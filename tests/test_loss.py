@@ -303,6 +303,7 @@ def _distributed_worker(rank, init_file, result_file):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # long: a subprocess or a whole run (the default suite stays short)
 def test_global_num_boxes_all_reduce_across_two_processes(tmp_path):
     result_file = tmp_path / "count"
     mp.spawn(_distributed_worker, args=(str(tmp_path / "init"), str(result_file)), nprocs=2, join=True)

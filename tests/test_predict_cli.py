@@ -317,6 +317,7 @@ WITHOUT_TRAINING_STACK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # long: a subprocess or a whole run (the default suite stays short)
 def test_predict_runs_where_datasets_evaluate_and_pycocotools_cannot_be_imported(folder, tmp_path):
     photos = _photos(tmp_path, "x.png")
     result = subprocess.run([sys.executable, "-c", WITHOUT_TRAINING_STACK, "--model", str(folder), str(photos),

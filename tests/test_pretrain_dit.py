@@ -313,6 +313,7 @@ def test_per_block_embedders_that_differ_cannot_be_tied():
         tie_conditioning_embedders(transformer)
 
 
+@pytest.mark.slow  # long: a subprocess or a whole run (the default suite stays short)
 def test_the_script_runs_from_a_yaml_file(tmp_path):
     output_dir = tmp_path / "cli"
     job = tmp_path / "job.yaml"

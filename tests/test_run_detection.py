@@ -517,7 +517,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("eval_size, eval_batch", [
-    (5, 2),  # 5 test images over 2 processes: the sampler pads one duplicate, which must not be counted
+    pytest.param(5, 2, marks=pytest.mark.slow),  # 5 test images over 2 processes: the sampler pads one duplicate, which must not be counted
     pytest.param(4, 8, marks=pytest.mark.slow),  # one evaluation batch per process
 ])
 def test_two_process_ddp_run_matches_single_process_evaluation(tmp_path, eval_size, eval_batch):
@@ -556,6 +556,7 @@ def test_two_process_ddp_run_matches_single_process_evaluation(tmp_path, eval_si
         assert distributed[f"test_{key}"] == pytest.approx(single[key], abs=1e-6), key
 
 
+@pytest.mark.slow  # long: a subprocess or a whole run (the default suite stays short)
 def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
     """Strong (random) augmentation, a crash after a checkpoint in the middle of an epoch, then
     --resume_from_checkpoint true: the final weights and the reported stage losses equal an uninterrupted run's."""

@@ -71,6 +71,7 @@ def _run(argv, callbacks=()):
     return run_detection.run(*run_detection.parse_arguments(argv), callbacks=callbacks)
 
 
+@pytest.mark.slow  # long: a subprocess or a whole run (the default suite stays short)
 def test_streamed_job_trains_evaluates_writes_model_and_card_and_counts_the_bad_record(tmp_path):
     data_dir = write_shards(tmp_path / "shards")
     output_dir = tmp_path / "out"
