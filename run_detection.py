@@ -205,7 +205,7 @@ def parse_arguments(argv: list[str]):
         given = _given_options(argv)
     # The built-in job (built-in data, new small DiT) has its own measured settings.
     built_in = not any(given.get(key) for key in ("dataset_name", "coco_annotations", "model_name_or_path"))
-    streaming = str(given.get("streaming", False)).lower() in ("true", "1", "yes")
+    streaming = _is_true(given.get("streaming", False))
     defaults = {**TRAINING_DEFAULTS, **(SYNTHETIC_DEFAULTS if built_in else {}),
                 **(STREAMING_DEFAULTS if streaming else {}), **cpu_default(given)}
     if config_file is not None:
@@ -220,13 +220,18 @@ def cpu_default(given: dict) -> dict:
     its CPU anyway. A GPU without bf16 support keeps transformers' error (it names the GPU generation needed)."""
     from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
-    wants_bf16 = any(str(given.get(key, False)).lower() in ("true", "1", "yes") for key in ("bf16", "bf16_full_eval"))
+    wants_bf16 = any(_is_true(given.get(key, False)) for key in ("bf16", "bf16_full_eval"))
     if not wants_bf16 or "use_cpu" in given or torch.cuda.is_available() or is_torch_bf16_gpu_available() or \
             is_torch_xla_available():
         return {}
     logger.warning("--bf16 without a GPU: training on the CPU in bfloat16 autocast (--use_cpu true is set for you; "
                    "give --use_cpu false to get transformers' error instead).")
     return {"use_cpu": True}
+
+
+def _is_true(value) -> bool:
+    """A boolean option's value as given on a command line or in a config file."""
+    return str(value).lower() in ("true", "1", "yes")
 
 
 def _given_options(argv: list[str]) -> dict:
@@ -282,11 +287,16 @@ def prepare_data(data_args: DataArguments, training_args: TrainingArguments) -> 
                                          skip_bad_images=data_args.skip_bad_images,
                                          num_proc=data_args.preprocessing_num_workers)
     logger.info("Data check:\n%s", report.summary())
-    for split in dataset:  # e.g. every image undecodable or too small, and skipped: nothing to train or score on
-        if len(dataset[split]) == 0:
-            raise ValueError(f"The {split!r} split is empty after the data check: nothing to train or evaluate "
-                             f"on.\n{report.summary()}")
+    refuse_empty_splits(dataset, report, "train or evaluate")
     return PreparedData(dataset, id2label, category_ids, report, name)
+
+
+def refuse_empty_splits(splits, report: DataReport, purpose: str) -> None:
+    """A split left empty by the data check (e.g. every image undecodable or too small, and skipped) is an error."""
+    for split in splits:
+        if len(splits[split]) == 0:
+            raise ValueError(f"The {split!r} split is empty after the data check: nothing to {purpose} on.\n"
+                             f"{report.summary()}")
 
 
 def prepare_streamed_data(data_args: DataArguments, training_args: TrainingArguments) -> PreparedData:
@@ -306,10 +316,7 @@ def prepare_streamed_data(data_args: DataArguments, training_args: TrainingArgum
             splits[split] = clean_split(splits[split], len(id2label), split, report,
                                         skip_bad_images=data_args.skip_bad_images)
     logger.info("Data check of the eval splits (train records are checked as they stream):\n%s", report.summary())
-    for split in splits:
-        if len(splits[split]) == 0:
-            raise ValueError(f"The {split!r} split is empty after the data check: nothing to evaluate on.\n"
-                             f"{report.summary()}")
+    refuse_empty_splits(splits, report, "evaluate")
     return PreparedData(splits, id2label, list(range(len(id2label))), report, data_args.dataset_name,
                         train_stream=streams["train"], held_out=held_out, category_key=category_key)
 
