@@ -340,6 +340,31 @@ def test_augmentation_keeps_boxes_valid_and_aligned_with_labels():
     assert 2 in seen_counts  # most draws keep both objects
 
 
+def test_flip_augmentation_mirrors_each_image_in_every_other_epoch():
+    """"flip": each image alternates between its two inputs from one epoch to the next (so a feature cache holds all
+    of them after two epochs), about half of the images are mirrored in any epoch, and the boxes follow the image."""
+    transform = DetectionTransform(DiTDetectionImageProcessor(size={"height": 16, "width": 32}, size_divisor=4),
+                                   make_train_augmentation((16, 32), "flip"), seed=3)
+    image = PIL.Image.new("RGB", (32, 16), (0, 0, 0))
+    image.paste((255, 255, 255), (2, 2, 10, 12))  # a white box at the left
+    records = {"image": [image] * 40, "image_id": list(range(40)),
+               "objects": [{"bbox": [[2.0, 2.0, 8.0, 10.0]], "category": [0]}] * 40}
+    mirrored = []
+    for epoch in range(4):
+        transform.epoch = epoch
+        out = transform(records)
+        centres = torch.stack([labels["boxes"][0, 0] for labels in out["labels"]])
+        is_mirrored = centres > 0.5  # the box's centre moved to the right half
+        # the pixels follow: the right half is the bright one exactly where the box was mirrored
+        right_brighter = torch.stack([p[:, :, 16:].mean() > p[:, :, :16].mean() for p in out["pixel_values"]])
+        assert torch.equal(is_mirrored, right_brighter)
+        torch.testing.assert_close(centres[is_mirrored], torch.full_like(centres[is_mirrored], 1 - 6 / 32))
+        mirrored.append(is_mirrored)
+    assert 10 <= int(mirrored[0].sum()) <= 30
+    assert torch.equal(mirrored[1], ~mirrored[0]) and torch.equal(mirrored[2], mirrored[0])
+    assert torch.equal(mirrored[3], mirrored[1])
+
+
 def test_nan_free_collation_of_a_mixed_batch():
     processor = DiTDetectionImageProcessor(size={"height": 16, "width": 16}, size_divisor=4)
     splits, _, _ = prepare_detection_dataset(_cppe5(), validation_split_percentage=0)

@@ -10,7 +10,12 @@ from torchvision.transforms import v2
 from transformers import AutoModelForObjectDetection, TrainerCallback
 
 from modeling_dit_detection import DiTBackbone, DiTDetectionConfig, DiTDetectionImageProcessor, DiTForObjectDetection
-from modeling_dit_detection.training.data import DetectionTransform, make_train_augmentation, processor_size
+from modeling_dit_detection.training.data import (
+    AlternatingHorizontalFlip,
+    DetectionTransform,
+    make_train_augmentation,
+    processor_size,
+)
 from modeling_dit_detection.training.feature_cache import (
     FrozenFeatureCache,
     input_keys,
@@ -196,39 +201,42 @@ def test_stage_one_misses_then_hits_and_stage_two_runs_without_the_cache(tmp_pat
     output_dir = tmp_path / "out"
     probe = CacheProbe()
     metrics = run_detection.run(*run_detection.parse_arguments(
-        [*SMALL_JOB, "--output_dir", str(output_dir), "--cache_frozen_features", "true", "--num_train_epochs", "3",
-         "--freeze_backbone_epochs", "2", "--report_to", "none", "--preview_images", "0"]), callbacks=[probe])
+        [*SMALL_JOB, "--output_dir", str(output_dir), "--cache_frozen_features", "true", "--num_train_epochs", "4",
+         "--freeze_backbone_epochs", "3", "--report_to", "none", "--preview_images", "0"]), callbacks=[probe])
     stage1, stage2 = probe.stages
     # Stage one: the cache stands in for the backbone, the augmentation is flip only (built-in job: "light").
     assert isinstance(stage1["backbone"], FrozenFeatureCache)
-    assert v2.RandomHorizontalFlip in _transforms(stage1["augmentation"])
+    assert AlternatingHorizontalFlip in _transforms(stage1["augmentation"])
     assert v2.ColorJitter not in _transforms(stage1["augmentation"])
     # Stage two: the real backbone (it trains) and the run's full augmentation again.
     assert isinstance(stage2["backbone"], DiTBackbone) and stage2["epochs"] == []
     assert v2.ColorJitter in _transforms(stage2["augmentation"])
 
-    # Epoch 1 misses every image; epoch 2 hits exactly the images whose flip is the same as in epoch 1.
+    # The flips alternate: epoch 1 misses every image, epoch 2 sees each image the other way round (misses again),
+    # epoch 3 hits every image.
     processor = DiTDetectionImageProcessor.from_pretrained(output_dir)
     _, data_args, _, training_args = run_detection.parse_arguments([*SMALL_JOB, "--output_dir", str(tmp_path / "x")])
     train = run_detection.prepare_data(data_args, training_args).splits["train"]
     transform = DetectionTransform(processor, make_train_augmentation(processor_size(processor), "flip"),
                                    seed=training_args.seed)
     inputs = []
-    for epoch in (0, 1):
+    for epoch in (0, 1, 2):
         transform.epoch = epoch
         inputs.append(transform(train[:])["pixel_values"])
-    same_flip = sum(torch.equal(a, b) for a, b in zip(*inputs))
-    assert 0 < same_flip < len(train) == 24
-    assert stage1["epochs"] == [[0, 24], [same_flip, 24 + 24 - same_flip]]  # running totals [hits, misses]
-    assert stage1["evaluations"] == [[0, 6], [6, 6]]  # the validation images: missed once, then served
-    assert (metrics["stage1_feature_cache_hits"], metrics["stage1_feature_cache_misses"]) == (same_flip, 48 - same_flip)
-    assert metrics["stage1_feature_cache_entries"] == 48 - same_flip + 6 and metrics["stage1_feature_cache_mib"] > 0
+    assert not any(torch.equal(a, b) for a, b in zip(inputs[0], inputs[1]))
+    assert all(torch.equal(a, b) for a, b in zip(inputs[0], inputs[2]))
+    assert stage1["epochs"] == [[0, 24], [0, 48], [24, 48]]  # running totals [hits, misses]
+    assert stage1["evaluations"] == [[0, 6], [6, 6], [12, 6]]  # the validation images: missed once, then served
+    assert (metrics["stage1_feature_cache_hits"], metrics["stage1_feature_cache_misses"]) == (24, 48)
+    assert metrics["stage1_feature_cache_entries"] == 48 + 6 and metrics["stage1_feature_cache_mib"] > 0
 
     # Checkpoints of stage one (saved with the cache in place) and the run's model: the same keys, the real backbone
     # weights (unchanged in stage one); the saved model loads.
     final = load_file(str(output_dir / "model.safetensors"))
     expected_keys = set(DiTForObjectDetection(DiTDetectionConfig.from_pretrained(output_dir)).state_dict())
-    first, last = (load_file(str(output_dir / "stage1" / f"checkpoint-{step}" / "model.safetensors")) for step in (3, 6))
+    kept = sorted((output_dir / "stage1").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    first, last = (load_file(str(checkpoint / "model.safetensors")) for checkpoint in (kept[0], kept[-1]))
+    assert kept[-1].name == "checkpoint-9" and len(kept) == 2
     assert set(final) == set(first) == set(last) == expected_keys
     backbone_keys = [key for key in first if key.startswith("model.backbone.")]
     assert backbone_keys and all(torch.equal(first[key], last[key]) for key in backbone_keys)
@@ -281,7 +289,7 @@ def test_two_process_ddp_stage_one_with_the_cache(tmp_path):
     output_dir = tmp_path / "ddp"
     # 5 eval images in batches of 2: every process evaluates two batches (a process with a single eval batch trips a
     # transformers gather of the losses, with or without the cache).
-    argv = [*SMALL_JOB, "--num_train_epochs", "3", "--freeze_backbone_epochs", "2", "--eval_strategy", "no",
+    argv = [*SMALL_JOB, "--num_train_epochs", "4", "--freeze_backbone_epochs", "3", "--eval_strategy", "no",
             "--save_strategy", "no", "--synthetic_eval_size", "5", "--per_device_eval_batch_size", "2",
             "--report_to", "none", "--preview_images", "0",
             "--cache_frozen_features", "true", "--ddp_backend", "gloo", "--use_cpu", "true",
@@ -292,6 +300,7 @@ def test_two_process_ddp_stage_one_with_the_cache(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Feature cache (process 1), stage one epoch 2, training" in result.stdout
     metrics = json.loads((output_dir / "all_results.json").read_text())
-    # Summed over both processes: 2 epochs x 2 processes x 16 images (12 each, padded to 2 batches of 8).
-    assert metrics["stage1_feature_cache_hits"] + metrics["stage1_feature_cache_misses"] == 64
+    # Summed over both processes: 3 epochs x 2 processes x 16 images (12 each, padded to 2 batches of 8). Epoch 2
+    # shows every image mirrored the other way (all misses); epoch 3 hits the images a process saw in epoch 1.
+    assert metrics["stage1_feature_cache_hits"] + metrics["stage1_feature_cache_misses"] == 96
     assert metrics["stage1_feature_cache_hits"] > 0 and "stage2_train_loss" in metrics

@@ -674,15 +674,17 @@ def make_train_augmentation(image_size: tuple[int, int], strength: str = "strong
     training image; SanitizeBoundingBoxes then drops boxes under 1 pixel (as the model sees them) with their labels;
     colour jitter (p=0.8; mild hue so class colours stay themselves).
     "light": flip, resize and colour jitter (object scales unchanged: learns faster on short schedules).
-    "flip": flip and resize only: two possible inputs per image (what stage one uses with cached frozen features,
-    `feature_cache.py`).
+    "flip": mirror and resize only, the mirror alternating: each image is mirrored in every other epoch
+    (`AlternatingHorizontalFlip`), so two consecutive epochs show each image once each way. Two possible inputs per
+    image, all of them seen by the end of epoch two: what stage one uses with cached frozen features
+    (`feature_cache.py`), whose epochs from the third on then only hit.
     "none": None (`DetectionTransform` then only resizes).
     """
     if strength not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {strength!r}.")
     if strength == "none":
         return None
-    geometric = [v2.RandomHorizontalFlip(p=0.5)]
+    geometric = [AlternatingHorizontalFlip() if strength == "flip" else v2.RandomHorizontalFlip(p=0.5)]
     if strength == "strong":
         geometric += [v2.RandomZoomOut(fill=128, side_range=(1.0, 2.0), p=0.3),
                       v2.RandomApply([SmallImageSafeIoUCrop(min_scale=0.3)], p=0.5)]
@@ -694,6 +696,23 @@ def make_train_augmentation(image_size: tuple[int, int], strength: str = "strong
         *photometric,
         v2.SanitizeBoundingBoxes(min_size=1.0),
     ])
+
+
+class AlternatingHorizontalFlip(v2.RandomHorizontalFlip):
+    """A horizontal flip that mirrors exactly when `mirror` is set. `DetectionTransform` sets it per record: on in
+    the epochs of one parity, which parity being the record's own coin (from the run's seed and the image_id), so
+    every epoch mirrors about half of the images and each image alternates."""
+
+    def __init__(self):
+        super().__init__(p=0.0)
+
+    @property
+    def mirror(self) -> bool:
+        return self.p == 1.0
+
+    @mirror.setter
+    def mirror(self, value: bool) -> None:
+        self.p = 1.0 if value else 0.0  # p = 1 always flips, p = 0 never
 
 
 class SmallImageSafeIoUCrop(v2.RandomIoUCrop):
@@ -756,6 +775,8 @@ class DetectionTransform:
         self.augmentation = augmentation
         self.geometry = augmentation if augmentation is not None else processor_resize(self.image_processor)
         self.random = augmentation is not None
+        steps = getattr(augmentation, "transforms", [augmentation])
+        self.alternating_flip = next((t for t in steps if isinstance(t, AlternatingHorizontalFlip)), None)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         """
@@ -780,6 +801,9 @@ class DetectionTransform:
     def _transform(self, sample: dict, image_id: int) -> dict:
         if not self.random:
             return self.geometry(sample)
+        if self.alternating_flip is not None:
+            coin = hash((self.seed, int(image_id))) % 2
+            self.alternating_flip.mirror = (coin + self.epoch) % 2 == 1
         # torchvision's v2 transforms draw from torch's global generator: give them this record's own state, and
         # leave the process's state as it was.
         with torch.random.fork_rng(devices=[]):
