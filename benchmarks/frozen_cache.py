@@ -1,12 +1,11 @@
 """Stage-one epoch time with and without the frozen-feature cache (`--cache_frozen_features`), random weights.
 
     python benchmarks/frozen_cache.py [--geometry S-vae64|tiny-latent|XL-256] [--images 16] [--batch-size 8]
-                                      [--epochs 3] [--repeats 3] [--device cpu|cuda] [--bf16] [--json out.json]
+                                      [--epochs 4] [--repeats 3] [--device cpu|cuda] [--bf16] [--json out.json]
 
 Stage one as run_detection.py runs it: the backbone frozen (`set_trainable`), the neck and head trained (forward
-with the loss on random boxes, backward, AdamW step), flip-only augmentation: each image is flipped or not per epoch
-by a coin seeded by (epoch, image), with its boxes, so epoch 2 misses the images whose flip it has not seen yet and
-epoch 3 fewer. "with cache": a `FrozenFeatureCache` (RAM) stands in for the backbone from the first epoch on, so
+with the loss on random boxes, backward, AdamW step), flip-only augmentation as run_detection.py's "flip" (`mirrored_in_epoch`): each image,
+with its boxes, mirrored in every other epoch, so epochs 1 and 2 miss every image and epochs from 3 on hit all. "with cache": a `FrozenFeatureCache` (RAM) stands in for the backbone from the first epoch on, so
 epoch 1 pays every miss plus the hashing and copies. Epoch times are medians (min-max) over `--repeats` rounds; each
 round trains both modes from the same initial weights, in alternating order (A B, B A, ...), after one warm-up step
 each on an extra batch that is never cached.
@@ -28,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import time
 
@@ -37,6 +35,7 @@ import torch
 from matcher_share import random_labels
 from modeling_dit_detection import DiTDetectionConfig, DiTForObjectDetection, default_out_indices
 from modeling_dit_detection.configuration_dit_backbone import SD_VAE_CONFIG
+from modeling_dit_detection.training.data import mirrored_in_epoch
 from modeling_dit_detection.training.feature_cache import install_feature_cache, remove_feature_cache
 from modeling_dit_detection.training.stages import set_trainable
 
@@ -60,11 +59,6 @@ def geometry_config(name: str) -> DiTDetectionConfig:
     raise ValueError(f"unknown geometry {name!r}")
 
 
-def flipped(epoch: int, image: int, seed: int = 0) -> bool:
-    """The flip-only augmentation's coin for (epoch, image): fixed, as run_detection.py's per-record generators."""
-    return random.Random(f"{seed}-{epoch}-{image}").random() < 0.5
-
-
 def make_data(config, images: int, device) -> tuple[torch.Tensor, list[dict]]:
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(images, 3, *config.image_size, generator=generator) * 2 - 1
@@ -79,7 +73,7 @@ def epoch_batches(pixels, labels, epoch: int, batch_size: int):
         batch, targets = [], []
         for i in rows:
             target = {k: v.to(pixels.device) for k, v in labels[i].items()}
-            if flipped(epoch, i):
+            if mirrored_in_epoch(0, i, epoch):
                 batch.append(pixels[i].flip(-1))
                 boxes = target["boxes"].clone()
                 boxes[:, 0] = 1 - boxes[:, 0]
@@ -145,6 +139,12 @@ def table(runs: dict[str, list[dict]], epochs: int) -> str:
         hits, misses = runs["cached"][-1]["counts"][epoch]
         lines.append(f"| {epoch + 1} | {spread(plain)} | {spread(cached)} | "
                      f"{statistics.median(plain) / statistics.median(cached):.2f}x | {hits} / {misses} |")
+    plain = [sum(run["seconds"]) for run in runs["plain"]]
+    cached = [sum(run["seconds"]) for run in runs["cached"]]
+    hits = sum(counts[0] for counts in runs["cached"][-1]["counts"])
+    misses = sum(counts[1] for counts in runs["cached"][-1]["counts"])
+    lines.append(f"| all {epochs} | {spread(plain)} | {spread(cached)} | "
+                 f"{statistics.median(plain) / statistics.median(cached):.2f}x | {hits} / {misses} |")
     return "\n".join(lines)
 
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--geometry", choices=["S-vae64", "tiny-latent", "XL-256"], default="S-vae64")
     parser.add_argument("--images", type=int, default=16, help="training images (one epoch)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="forward under torch.autocast(bfloat16)")

@@ -715,6 +715,12 @@ class AlternatingHorizontalFlip(v2.RandomHorizontalFlip):
         self.p = 1.0 if value else 0.0  # p = 1 always flips, p = 0 never
 
 
+def mirrored_in_epoch(seed: int, image_id: int, epoch: int) -> bool:
+    """Whether the "flip" augmentation mirrors image `image_id` in `epoch`: a coin from (seed, image_id), flipped
+    by the epoch's parity."""
+    return (hash((seed, image_id)) + epoch) % 2 == 1
+
+
 class SmallImageSafeIoUCrop(v2.RandomIoUCrop):
     """`RandomIoUCrop` that leaves images too small to crop as they are: torchvision's divides by a crop side that
     rounds to 0 pixels (ZeroDivisionError) when a side times `min_scale` is under one pixel."""
@@ -802,8 +808,7 @@ class DetectionTransform:
         if not self.random:
             return self.geometry(sample)
         if self.alternating_flip is not None:
-            coin = hash((self.seed, int(image_id))) % 2
-            self.alternating_flip.mirror = (coin + self.epoch) % 2 == 1
+            self.alternating_flip.mirror = mirrored_in_epoch(self.seed, int(image_id), self.epoch)
         # torchvision's v2 transforms draw from torch's global generator: give them this record's own state, and
         # leave the process's state as it was.
         with torch.random.fork_rng(devices=[]):
@@ -871,5 +876,5 @@ def coco_ground_truth(dataset: Dataset, id2label: dict[int, str], category_ids: 
 
 __all__ = ["AUGMENTATIONS", "CANONICAL_FEATURES", "DataReport", "DetectionTransform", "MIN_IMAGE_SIDE",
            "check_object_counts", "clean_split",
-           "coco_ground_truth", "collate_fn", "load_detection_dataset", "make_train_augmentation",
+           "coco_ground_truth", "collate_fn", "load_detection_dataset", "make_train_augmentation", "mirrored_in_epoch",
            "prepare_detection_dataset", "processor_resize", "processor_size"]
