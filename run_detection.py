@@ -45,7 +45,7 @@ from modeling_dit_detection.hub import push_folder_to_hub
 from modeling_dit_detection.training.model_card import TrainingSummary, render_model_card
 from modeling_dit_detection.training.recipes import StagePlan, check_config_overrides, load_detector, plan_stages
 from modeling_dit_detection.predict import detect
-from modeling_dit_detection.training.synthetic_data import make_synthetic_detection_dataset
+from modeling_dit_detection.training.synthetic_data import SYNTHETIC_LAYOUTS, make_synthetic_detection_dataset
 from modeling_dit_detection.training.feature_cache import FeatureCaching
 from modeling_dit_detection.training.stages import (prepare_output_dir, remove_stage_one_model, train_in_stages,
                                                     unwrapped_copy, wraps_model_in_place)
@@ -160,6 +160,10 @@ class DataArguments:
         "help": "Processes for the validation pass over the data."})
     synthetic_train_size: int = field(default=2000, metadata={"help": "Built-in data: training images."})
     synthetic_eval_size: int = field(default=150, metadata={"help": "Built-in data: validation and test images each."})
+    synthetic_layout: str = field(default="shapes", metadata={
+        "help": "Built-in data: 'shapes' (64x64, 0-4 shapes of 15-45% of the side) or 'dense-small' (256x256, 6-24 "
+                "shapes of 10-40 px on cluttered backgrounds; benchmarks/quality_per_compute.py).",
+        "choices": sorted(SYNTHETIC_LAYOUTS)})
     preview_images: int = field(default=8, metadata={"help": "Validation images drawn into predictions_preview.png."})
     preview_threshold: float = field(default=0.3, metadata={"help": "Score threshold of the preview's boxes."})
 
@@ -355,13 +359,15 @@ def load_data(data_args: DataArguments, seed: int, report: DataReport | None = N
             validation_split_percentage=data_args.validation_split_percentage, seed=seed, report=report)
         name = data_args.dataset_name or Path(next(iter(coco.values()))).stem
         return dataset, id2label, category_ids, name
-    logger.info("No dataset given: using the built-in synthetic shapes (%d train, %d validation, %d test images).",
-                data_args.synthetic_train_size, data_args.synthetic_eval_size, data_args.synthetic_eval_size)
+    logger.info("No dataset given: using the built-in synthetic %s (%d train, %d validation, %d test images).",
+                data_args.synthetic_layout, data_args.synthetic_train_size, data_args.synthetic_eval_size,
+                data_args.synthetic_eval_size)
     generated = make_synthetic_detection_dataset(num_train=data_args.synthetic_train_size,
                                                  num_validation=data_args.synthetic_eval_size,
-                                                 num_test=data_args.synthetic_eval_size, image_size=64, seed=seed)
+                                                 num_test=data_args.synthetic_eval_size, seed=seed,
+                                                 layout=data_args.synthetic_layout)
     dataset, id2label, category_ids = prepare_detection_dataset(generated)
-    return dataset, id2label, category_ids, "synthetic-shapes"
+    return dataset, id2label, category_ids, f"synthetic-{data_args.synthetic_layout}"
 
 
 def _split_paths(value: str, option: str) -> dict[str, str]:

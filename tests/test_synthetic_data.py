@@ -8,6 +8,7 @@ import pytest
 
 from modeling_dit_detection.training.synthetic_data import (
     SYNTHETIC_CLASS_NAMES,
+    _draw_clutter,
     make_synthetic_detection_dataset,
     render_synthetic_example,
 )
@@ -134,3 +135,37 @@ def test_negatives_classes_and_colours(dataset):
         assert (values.max(0) - values.min(0)).min() > 120
     sides = np.array([bbox[2:] for o in split["objects"] for bbox in o["bbox"]])
     assert sides.min() >= 6 and sides.max() <= 64
+
+
+def test_dense_small_layout_has_many_small_objects_and_unannotated_clutter():
+    dense = make_synthetic_detection_dataset(num_train=6, num_validation=1, num_test=1, seed=5, layout="dense-small")
+    counts, sides = [], []
+    for record in dense["train"]:
+        assert (record["width"], record["height"]) == (256, 256)
+        counts.append(len(record["objects"]["bbox"]))
+        sides += [max(w, h) for _, _, w, h in record["objects"]["bbox"]]
+    assert all(1 <= count <= 24 for count in counts) and sum(counts) / len(counts) >= 8
+    # 10-40 px shapes (a triangle or a stretched shape reaches a little past its nominal side), partly hidden ones less
+    assert max(sides) <= 52 and sum(sides) / len(sides) < 40
+
+    image, categories, masks = render_synthetic_example(5, "train", 0, layout="dense-small")
+    assert len(categories) == counts[0] and all(mask.any() for mask in masks)
+
+
+def test_clutter_is_thinner_than_any_object():
+    """Distractor strokes and specks vanish under a 5x5 erosion; the smallest object (a 10 px square) does not."""
+    from scipy.ndimage import binary_erosion
+
+    image = np.zeros((128, 128, 3))
+    _draw_clutter(np.random.default_rng(0), image, 30)
+    clutter = image.any(axis=-1)
+    assert clutter.sum() > 100
+    assert not binary_erosion(clutter, np.ones((5, 5))).any()
+    square = np.zeros((128, 128), dtype=bool)
+    square[20:30, 20:30] = True
+    assert binary_erosion(square, np.ones((5, 5))).any()
+
+
+def test_unknown_layout_is_refused():
+    with pytest.raises(ValueError, match="Unknown synthetic layout 'sparse'"):
+        make_synthetic_detection_dataset(num_train=1, num_validation=1, num_test=1, layout="sparse")

@@ -15,6 +15,10 @@ this data. It is meant to be a *real* (if small) detection problem, not a smoke 
 * boxes are the tight bounding boxes of each object's *visible* pixel mask, COCO `x, y, w, h` in
   float pixels (pixel `x` covers `[x, x + 1)`), `area` is the visible pixel count.
 
+That is the "shapes" layout (64x64, the built-in job's). `SYNTHETIC_LAYOUTS["dense-small"]` is a harder one for
+benchmarks of what training compute buys: 256x256 images with 6-24 objects of 10-40 pixels each (small and dense),
+and clutter under them that is no object (thin line strokes and specks in random colours).
+
 Everything comes from `numpy.random.Generator`s seeded by `(seed, split, index)` and PIL drawing,
 never from global RNG state, so the same arguments give the same bytes; each split (and image)
 has its own stream. Features are those of `cppe-5`: `image_id, image, width, height, objects`
@@ -22,6 +26,7 @@ where `objects` is a `Sequence` of a dict, i.e. `ds[i]["objects"]` is a dict of 
 """
 
 import io
+from dataclasses import dataclass
 
 import datasets
 import numpy as np
@@ -29,8 +34,32 @@ from PIL import Image, ImageDraw
 
 SYNTHETIC_CLASS_NAMES = ["circle", "square", "triangle", "cross", "ring"]
 SPLITS = ("train", "validation", "test")
-_NUM_OBJECTS_P = (0.1, 0.3, 0.3, 0.2, 0.1)  # probabilities of asking for 0, 1, 2, 3, 4 objects
 _MAX_BOX_IOU, _MIN_VISIBLE = 0.3, 0.7
+
+
+@dataclass(frozen=True)
+class SyntheticLayout:
+    """How a built-in image is composed.
+
+    image_size: (height, width) in pixels. object_count_p: probabilities of asking for 0, 1, 2, ... objects (fewer
+    are placed when a shape finds no free spot in 20 tries). Object sides: a `relative` layout draws them as a
+    fraction of the shorter image side in [min_size, max_size], otherwise in pixels. clutter: the range of
+    distractor strokes and specks drawn on the background (not objects, never annotated).
+    """
+
+    image_size: tuple[int, int]
+    object_count_p: tuple[float, ...]
+    min_size: float
+    max_size: float
+    relative: bool = True
+    clutter: tuple[int, int] = (0, 0)
+
+
+SYNTHETIC_LAYOUTS = {
+    "shapes": SyntheticLayout((64, 64), object_count_p=(0.1, 0.3, 0.3, 0.2, 0.1), min_size=0.15, max_size=0.45),
+    "dense-small": SyntheticLayout((256, 256), object_count_p=(0.0,) * 6 + (1 / 19,) * 19, min_size=10.0,
+                                   max_size=40.0, relative=False, clutter=(10, 30)),
+}
 
 
 def synthetic_features() -> datasets.Features:
@@ -67,6 +96,28 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
         wave = np.sin(2 * np.pi * freq * (x * np.cos(phi) + y * np.sin(phi)) + phase)
         image += wave[..., None] * rng.uniform(5, 18) * rng.choice([-1.0, 1.0], size=3)
     return image
+
+
+def _draw_clutter(rng: np.random.Generator, image: np.ndarray, count: int) -> None:
+    """Draw `count` distractors on `image` (in place): thin straight strokes (1-2 px wide, 8-60 px long) and specks
+    (2-5 px across), in random colours. Thinner and smaller than any object, so no shape class looks like one."""
+    height, width = image.shape[:2]
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    colours = []
+    for index in range(1, count + 1):
+        x, y = rng.uniform(0, width), rng.uniform(0, height)
+        if rng.random() < 0.6:
+            length, angle = rng.uniform(8, 60), rng.uniform(0, np.pi)
+            end = (x + length * np.cos(angle), y + length * np.sin(angle))
+            draw.line([(x, y), end], fill=index, width=int(rng.integers(1, 3)))
+        else:
+            r = rng.uniform(1, 2.5)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=index)
+        colours.append(rng.uniform(0, 255, size=3))
+    labels = np.asarray(canvas)
+    for index, colour in enumerate(colours, start=1):
+        image[labels == index] = colour
 
 
 def _shape_mask(rng: np.random.Generator, category: int, height: int, width: int, side: float) -> np.ndarray:
@@ -115,26 +166,34 @@ def _box_iou(a, b) -> float:
     return inter / (area(a) + area(b) - inter)
 
 
-def render_synthetic_example(seed: int, split: str, index: int, image_size=64, min_size: float = 0.15,
-                             max_size: float = 0.45):
-    """Render image `index` of `split`: returns (uint8 [H, W, 3] image, categories list[int], visible
-    boolean masks list[[H, W]]), objects in drawing order. `image_size` is an int or (height, width)."""
+def render_synthetic_example(seed: int, split: str, index: int, image_size=None, layout: str = "shapes"):
+    """Render image `index` of `split` in `layout` (`SYNTHETIC_LAYOUTS`): returns (uint8 [H, W, 3] image,
+    categories list[int], visible boolean masks list[[H, W]]), objects in drawing order. `image_size` (an int or
+    (height, width); default: the layout's) replaces the layout's size; relative object sizes follow it."""
+    spec = SYNTHETIC_LAYOUTS[layout]
+    if image_size is None:
+        image_size = spec.image_size
     height, width = (image_size, image_size) if isinstance(image_size, int) else map(int, image_size)
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     image = _background(rng, height, width)
+    if spec.clutter[1] > 0:
+        _draw_clutter(rng, image, int(rng.integers(spec.clutter[0], spec.clutter[1] + 1)))
+    size_unit = min(height, width) if spec.relative else 1.0
     owner = np.full((height, width), -1, dtype=np.int64)  # which object each pixel shows
-    categories, full_areas = [], []
-    for _ in range(rng.choice(len(_NUM_OBJECTS_P), p=_NUM_OBJECTS_P)):
+    categories, full_areas, visible_boxes = [], [], []
+    for _ in range(rng.choice(len(spec.object_count_p), p=spec.object_count_p)):
         for _attempt in range(20):
             category = int(rng.integers(len(SYNTHETIC_CLASS_NAMES)))
-            side = rng.uniform(min_size, max_size) * min(height, width)
+            side = rng.uniform(spec.min_size, spec.max_size) * size_unit
             mask = _shape_mask(rng, category, height, width, side)
             if mask.sum() < 4:
                 continue
             box = _box_of(mask)
+            # Only objects whose visible box meets the new box can lose pixels to it or overlap it.
+            touched = [k for k, other in enumerate(visible_boxes) if _box_iou(box, other) > 0]
             after = np.where(mask, len(categories), owner)
-            if all(_box_iou(box, _box_of(owner == k)) <= _MAX_BOX_IOU
-                   and (after == k).sum() >= _MIN_VISIBLE * full_areas[k] for k in range(len(categories))):
+            if all(_box_iou(box, visible_boxes[k]) <= _MAX_BOX_IOU
+                   and (after == k).sum() >= _MIN_VISIBLE * full_areas[k] for k in touched):
                 break
         else:
             continue
@@ -145,18 +204,21 @@ def render_synthetic_example(seed: int, split: str, index: int, image_size=64, m
         colour = colours[np.argmax(distance >= 90) if (distance >= 90).any() else np.argmax(distance)]
         image[mask] = colour
         owner = after
+        for k in touched:
+            visible_boxes[k] = _box_of(owner == k)
         categories.append(category)
         full_areas.append(int(mask.sum()))
+        visible_boxes.append(box)
     image += rng.normal(0, rng.uniform(2, 6), size=image.shape)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     return image, categories, [owner == k for k in range(len(categories))]
 
 
-def _generate_split(num_images: int, image_size, seed: int, split: str) -> dict:
+def _generate_split(num_images: int, image_size, seed: int, split: str, layout: str) -> dict:
     columns = {"image_id": [], "image": [], "width": [], "height": [], "objects": []}
     next_id = 0
     for index in range(num_images):
-        pixels, categories, masks = render_synthetic_example(seed, split, index, image_size)
+        pixels, categories, masks = render_synthetic_example(seed, split, index, image_size, layout)
         buffer = io.BytesIO()
         Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
         objects = {"id": [], "area": [], "bbox": [], "category": []}
@@ -176,12 +238,15 @@ def _generate_split(num_images: int, image_size, seed: int, split: str) -> dict:
 
 
 def make_synthetic_detection_dataset(num_train: int = 500, num_validation: int = 100, num_test: int = 100,
-                                     image_size=64, seed: int = 0) -> datasets.DatasetDict:
+                                     image_size=None, seed: int = 0, layout: str = "shapes") -> datasets.DatasetDict:
     """Deterministic synthetic detection data with splits "train", "validation", "test" in the cppe-5
-    schema (`synthetic_features()`); `image_size` is an int or (height, width) in pixels."""
+    schema (`synthetic_features()`), composed as `layout` (`SYNTHETIC_LAYOUTS`); `image_size` (an int or
+    (height, width) in pixels) replaces the layout's."""
+    if layout not in SYNTHETIC_LAYOUTS:
+        raise ValueError(f"Unknown synthetic layout {layout!r}; choose one of {sorted(SYNTHETIC_LAYOUTS)}.")
     features = synthetic_features()
     sizes = {"train": num_train, "validation": num_validation, "test": num_test}
     return datasets.DatasetDict({
-        split: datasets.Dataset.from_dict(_generate_split(n, image_size, seed, split), features=features)
+        split: datasets.Dataset.from_dict(_generate_split(n, image_size, seed, split, layout), features=features)
         for split, n in sizes.items()
     })
