@@ -161,7 +161,7 @@ class DataArguments:
     synthetic_train_size: int = field(default=2000, metadata={"help": "Built-in data: training images."})
     synthetic_eval_size: int = field(default=150, metadata={"help": "Built-in data: validation and test images each."})
     synthetic_layout: str = field(default="shapes", metadata={
-        "help": "Built-in data: 'shapes' (64x64, 0-4 shapes of 15-45% of the side) or 'dense-small' (256x256, 6-24 "
+        "help": "Built-in data: 'shapes' (64x64, 0-4 shapes of 15-45%% of the side) or 'dense-small' (256x256, 6-24 "
                 "shapes of 10-40 px on cluttered backgrounds; benchmarks/quality_per_compute.py).",
         "choices": sorted(SYNTHETIC_LAYOUTS)})
     preview_images: int = field(default=8, metadata={"help": "Validation images drawn into predictions_preview.png."})

@@ -248,13 +248,39 @@ class DiTBackbonePreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        init_dit_block(module, self.config.initializer_range)
+        # Keyed by the layer, found through its owner: transformers never calls this for a module that owns no
+        # parameters of its own in a model outside the library (see DiTForObjectDetection._init_weights).
+        for owner in self.modules():
+            init_dit_layer(owner, module)
 
 
-def init_dit_block(module: nn.Module, std: float) -> None:
-    """A folded block's modulation starts small and random (an unfolded one is a Linear, initialised as such)."""
-    if isinstance(module, DiTBlock) and hasattr(module, "modulation"):
-        init.normal_(module.modulation, std=std)
+def init_dit_layer(owner: nn.Module, layer: nn.Module) -> None:
+    """DiT's own initialisation of new weights (facebookresearch/DiT, `models.py`), for `layer` when `owner` is the
+    part of the DiT that holds it; runs after the generic init of `layer`, so it overrides it:
+
+    - every Linear of a block: xavier-uniform weights, zero bias (the generic normal(0.02) is far smaller at narrow
+      widths: at 64 channels a block's branches start at ~1e-4 of the residual stream and a randomly initialised
+      detector sat on a loss plateau for its first epochs; see README "Performance");
+    - the patch embedding: xavier-uniform as the Linear it is (fan-in = channels x patch^2, fan-out = hidden);
+    - the adaLN modulation (the Linear, or a folded block's vector): zero, so every block starts as the identity
+      (adaLN-Zero).
+    The timestep MLP and the class embedding keep the generic normal(`initializer_range`), as in DiT.
+    """
+    if isinstance(owner, DiTBlock):
+        if layer is owner and isinstance(getattr(owner, "modulation", None), nn.Parameter):
+            init.zeros_(owner.modulation)
+        elif layer is getattr(owner, "adaln_modulation", None):
+            init.zeros_(layer.weight)
+            init.zeros_(layer.bias)
+        elif isinstance(layer, nn.Linear) and any(layer is child for child in owner.modules()):
+            init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                init.zeros_(layer.bias)
+    elif isinstance(owner, DiTBackbone) and layer is owner.patch_embed:
+        fan_out, fan_in = layer.weight.shape[0], layer.weight[0].numel()
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        init.uniform_(layer.weight, -bound, bound)
+        init.zeros_(layer.bias)
 
 
 def freeze_vae(model: nn.Module) -> None:

@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_dit_detection import DiTDetectionConfig
 from .loss_dit_detection import DiTDetectionCriterion, HungarianMatcher, SetPredictions, validate_labels
-from .modeling_dit_backbone import DiTBackbone, freeze_vae, init_dit_block
+from .modeling_dit_backbone import DiTBackbone, freeze_vae, init_dit_layer
 
 
 class _PipelineSupportFilter(logging.Filter):
@@ -347,11 +347,11 @@ class DiTDetectionPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        init_dit_block(module, self.config.backbone_config.initializer_range)
         # transformers treats a module that owns no parameters of its own as initialised when the model is not part of
         # the library (`PreTrainedModel.is_custom_code`), so `_init_weights` never sees e.g. the decoder or the heads'
         # parent: each special case is keyed by the layer whose parameters it sets, found through its owner.
         for owner in self.modules():
+            init_dit_layer(owner, module)
             _init_special_layer(owner, module)
 
 

@@ -158,7 +158,7 @@ def test_a_feature_folder_is_reused_for_the_same_backbone_only(tmp_path):
     remove_feature_cache(model)
 
     with torch.no_grad():
-        model.model.backbone.layers[0].mlp.fc1.bias.add_(0.1)  # another backbone: its own folder
+        model.model.backbone.patch_embed.bias.add_(0.1)  # another backbone: its own folder
     third = install_feature_cache(model, cache_dir=tmp_path)
     served = third(pixels).feature_maps
     assert third.counts["train"] == [0, 3] and len(list(tmp_path.iterdir())) == 2

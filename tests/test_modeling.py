@@ -7,7 +7,12 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_em
 from helpers import random_labels, tiny_config
 
 from modeling_dit_detection import DiTDetectionModel, DiTForObjectDetection
-from modeling_dit_detection.modeling_dit_backbone import alphas_cumprod, sincos_position_embedding, timestep_features
+from modeling_dit_detection.modeling_dit_backbone import (
+    DiTBackbone,
+    alphas_cumprod,
+    sincos_position_embedding,
+    timestep_features,
+)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-latent"])
@@ -121,6 +126,31 @@ def test_a_new_detector_starts_from_its_designed_initialisation():
         outputs = model.eval()(torch.rand(2, 3, 64, 64) * 2 - 1)
     assert torch.allclose(outputs.pred_boxes, outputs.init_reference_points, atol=1e-6)  # no refinement yet
     assert outputs.logits.sigmoid().max() < 0.05
+
+
+def test_a_new_dit_starts_from_dits_own_initialisation():
+    """DiT's models.py: block Linears xavier-uniform with zero bias, the patch embedding xavier-uniform as a Linear,
+    adaLN-Zero modulation (every block the identity); also for a folded block and a backbone built on its own."""
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=64, num_attention_heads=4)
+    for backbone in (DiTForObjectDetection(config).model.backbone, DiTBackbone(config.backbone_config)):
+        hidden = backbone.config.hidden_size
+        for block in backbone.layers:
+            assert not block.adaln_modulation.weight.any() and not block.adaln_modulation.bias.any()
+            for layer, (fan_in, fan_out) in ((block.attention.q_proj, (hidden, hidden)),
+                                             (block.mlp.fc1, (hidden, 4 * hidden)),
+                                             (block.mlp.fc2, (4 * hidden, hidden))):
+                bound = math.sqrt(6 / (fan_in + fan_out))
+                assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+                assert not layer.bias.any()
+        patch = backbone.patch_embed.weight
+        bound = math.sqrt(6 / (patch[0].numel() + hidden))
+        assert bound * 0.9 < patch.abs().max() <= bound and not backbone.patch_embed.bias.any()
+        with torch.no_grad():
+            states = backbone(torch.rand(1, 3, 64, 64) * 2 - 1, output_hidden_states=True).hidden_states
+        assert all(torch.equal(states[0], state) for state in states[1:])  # adaLN-Zero: every block the identity
+    folded = tiny_config(fold_conditioning=True)
+    assert all(not block.modulation.any() for block in DiTForObjectDetection(folded).model.backbone.layers)
 
 
 def test_heads_reinitialised_for_new_labels_get_the_designed_initialisation(tmp_path):
