@@ -6,7 +6,8 @@
 Stage one as run_detection.py runs it: the backbone frozen (`set_trainable`), the neck and head trained (forward
 with the loss on random boxes, backward, AdamW step), flip-only augmentation as run_detection.py's "flip" (`mirrored_in_epoch`): each image,
 with its boxes, mirrored in every other epoch, so epochs 1 and 2 miss every image and epochs from 3 on hit all. "with cache": a `FrozenFeatureCache` (RAM) stands in for the backbone from the first epoch on, so
-epoch 1 pays every miss plus the hashing and copies. Epoch times are medians (min-max) over `--repeats` rounds; each
+epoch 1 pays every miss plus the hashing and copies. Epoch times (CPU-seconds of the process on a CPU, wall
+seconds on a GPU) are medians (min-max) over `--repeats` rounds; each
 round trains both modes from the same initial weights, in alternating order (A B, B A, ...), after one warm-up step
 each on an extra batch that is never cached.
 
@@ -97,6 +98,12 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clock(device) -> float:
+    """CPU-seconds of this process on a CPU (all its threads; robust to other jobs on a shared machine), wall
+    seconds on a GPU."""
+    return time.process_time() if device.type == "cpu" else time.perf_counter()
+
+
 def run_stage_one(model, initial, pixels, labels, args, cached: bool) -> dict:
     """One stage-one run of `args.epochs` epochs from `initial` weights; per-epoch seconds and cache counts."""
     device = pixels.device
@@ -112,11 +119,11 @@ def run_stage_one(model, initial, pixels, labels, args, cached: bool) -> dict:
     try:
         for epoch in range(args.epochs):
             synchronize(device)
-            started = time.perf_counter()
+            started = clock(device)
             for batch, targets in epoch_batches(pixels, labels, epoch, args.batch_size):
                 train_step(model, optimizer, batch, targets, args.bf16)
             synchronize(device)
-            seconds.append(time.perf_counter() - started)
+            seconds.append(clock(device) - started)
             counts.append(cache.take_counts("train") if cache else None)
         result = {"seconds": seconds, "counts": counts}
         if cache:
@@ -133,6 +140,7 @@ def spread(values: list[float]) -> str:
 
 def table(runs: dict[str, list[dict]], epochs: int) -> str:
     lines = ["| epoch | without cache (s) | with cache (s) | speed-up | cache hits / misses |", "|---|---|---|---|---|"]
+    # seconds: CPU-seconds on a CPU, wall seconds on a GPU (`clock`)
     for epoch in range(epochs):
         plain = [run["seconds"][epoch] for run in runs["plain"]]
         cached = [run["seconds"][epoch] for run in runs["cached"]]
@@ -193,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     last = runs["cached"][-1]
     per_input = last["bytes"] / max(last["entries"], 1)
-    print(f"\n{args.images} images, batch {args.batch_size}, flip-only augmentation, "
+    unit = "CPU-seconds" if device.type == "cpu" else "wall seconds"
+    print(f"\n{args.images} images, batch {args.batch_size}, flip-only augmentation, times in {unit}, "
           f"{'bfloat16 autocast' if args.bf16 else 'float32'}; median (min-max) of {args.repeats} rounds, modes "
           "alternating\n")
     print(table(runs, args.epochs))

@@ -87,38 +87,42 @@ class HungarianMatcher:
     def __call__(self, logits, pred_boxes, targets, num_groups: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """
         Args:
-            logits: `[batch, queries, num_labels]` raw class logits.
-            pred_boxes: `[batch, queries, 4]` cx, cy, w, h normalised to 0..1.
+            logits: `[batch, queries, num_labels]` raw class logits, or `[sets, batch, queries, num_labels]`: several
+                sets of predictions for the same images (e.g. decoder layers), matched each on its own in one pass.
+            pred_boxes: `[batch, queries, 4]` (or `[sets, batch, queries, 4]`) cx, cy, w, h normalised to 0..1.
             targets: list of `batch` dicts with `"class_labels"` `[n]` and `"boxes"` `[n, 4]` (cx, cy, w, h, 0..1).
             num_groups: the query axis is `num_groups` contiguous equal groups, each matched one-to-one on its own.
 
         Returns:
-            Per image `(query_indices, target_indices)`, int64 CPU tensors of length `num_groups * min(n, queries /
-            num_groups)`; query indices index the full query axis.
+            Per image (per set, then image, with a set axis) `(query_indices, target_indices)`, int64 CPU tensors of
+            length `num_groups * min(n, queries / num_groups)`; query indices index the full query axis.
         """
-        batch, queries, _ = logits.shape
+        queries = logits.shape[-2]
         if queries % num_groups:
             raise ValueError(f"{queries} queries cannot be split into {num_groups} equal groups.")
         sizes = [len(t["boxes"]) for t in targets]
+        sets = logits.shape[0] if logits.ndim == 4 else 1
         empty = torch.empty(0, dtype=torch.int64)
         if max(sizes, default=0) == 0:
-            return [(empty, empty) for _ in range(batch)]
-        cost = self.cost_matrices(logits, pred_boxes, targets).cpu().numpy()  # [B, Q, max n]
+            return [(empty, empty) for _ in range(sets * len(targets))]
+        cost = self.cost_matrices(logits, pred_boxes, targets).cpu().numpy().reshape(sets, len(targets), queries, -1)
         group_size = queries // num_groups
         indices = []
-        for image, size in enumerate(sizes):
-            rows, cols = [empty], [empty]
-            for start in range(0, queries if size else 0, group_size):
-                row, col = linear_sum_assignment(cost[image, start:start + group_size, :size])
-                rows.append(torch.as_tensor(row, dtype=torch.int64) + start)
-                cols.append(torch.as_tensor(col, dtype=torch.int64))
-            indices.append((torch.cat(rows), torch.cat(cols)))
+        for set_costs in cost:
+            for image, size in enumerate(sizes):
+                rows, cols = [empty], [empty]
+                for start in range(0, queries if size else 0, group_size):
+                    row, col = linear_sum_assignment(set_costs[image, start:start + group_size, :size])
+                    rows.append(torch.as_tensor(row, dtype=torch.int64) + start)
+                    cols.append(torch.as_tensor(col, dtype=torch.int64))
+                indices.append((torch.cat(rows), torch.cat(cols)))
         return indices
 
     def cost_matrices(self, logits, pred_boxes, targets) -> torch.Tensor:
-        """`[batch, queries, max n]` float32 matching costs of each image's queries against its own targets (columns
-        past an image's target count are padding). NaN / inf costs (degenerate boxes, overflow) become a large
-        finite cost, so such a pair is never preferred and scipy never sees a non-finite number."""
+        """`[..., batch, queries, max n]` float32 matching costs of each image's queries against its own targets
+        (columns past an image's target count are padding), for logits `[..., batch, queries, C]`. NaN / inf costs
+        (degenerate boxes, overflow) become a large finite cost, so such a pair is never preferred and scipy never
+        sees a non-finite number."""
         device = logits.device
         max_targets = max(len(t["boxes"]) for t in targets)
         target_ids = torch.zeros(len(targets), max_targets, dtype=torch.int64, device=device)
@@ -127,15 +131,16 @@ class HungarianMatcher:
             count = len(target["boxes"])
             target_ids[image, :count] = target["class_labels"].to(device)
             target_boxes[image, :count] = target["boxes"].to(device, torch.float32)
+        target_boxes = target_boxes.expand(*pred_boxes.shape[:-2], -1, -1)
         # float32 without autocast: bf16/fp16 focal logs and GIoU divisions are what produce NaN costs.
         with torch.autocast(device_type=device.type, enabled=False):
-            prob = logits.float().sigmoid()  # [B, Q, C]
+            prob = logits.float().sigmoid()  # [..., B, Q, C]
             boxes = pred_boxes.float()
             # Deformable-DETR focal cost: what a positive costs minus what the same logit costs as a negative.
             alpha, gamma = self.focal_alpha, self.focal_gamma
             positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
             negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
-            class_cost = (positive - negative).gather(2, target_ids[:, None, :].expand(-1, boxes.shape[1], -1))
+            class_cost = (positive - negative).gather(-1, target_ids[:, None, :].expand(*boxes.shape[:-1], -1))
             bbox_cost = torch.cdist(boxes, target_boxes, p=1)
             giou = batched_generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
                                                box_convert(target_boxes, "cxcywh", "xyxy"))
@@ -144,16 +149,16 @@ class HungarianMatcher:
 
 
 def batched_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """Pairwise generalised IoU per batch element: `[B, N, 4]` x `[B, M, 4]` (x0, y0, x1, y1) -> `[B, N, M]`; the
-    batched form of `torchvision.ops.generalized_box_iou`, which takes one image's boxes at a time."""
+    """Pairwise generalised IoU per batch element: `[..., N, 4]` x `[..., M, 4]` (x0, y0, x1, y1) -> `[..., N, M]`;
+    the batched form of `torchvision.ops.generalized_box_iou`, which takes one image's boxes at a time."""
     area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
     area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    top_left = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])
-    bottom_right = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
+    first, second = boxes1[..., :, None, :], boxes2[..., None, :, :]
+    top_left = torch.max(first[..., :2], second[..., :2])
+    bottom_right = torch.min(first[..., 2:], second[..., 2:])
     intersection = (bottom_right - top_left).clamp(min=0).prod(-1)
-    union = area1[:, :, None] + area2[:, None, :] - intersection
-    hull = (torch.max(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
-            - torch.min(boxes1[:, :, None, :2], boxes2[:, None, :, :2])).clamp(min=0).prod(-1)
+    union = area1[..., :, None] + area2[..., None, :] - intersection
+    hull = (torch.max(first[..., 2:], second[..., 2:]) - torch.min(first[..., :2], second[..., :2])).clamp(min=0).prod(-1)
     return intersection / union - (hull - union) / hull
 
 
@@ -205,34 +210,63 @@ class DiTDetectionCriterion(torch.nn.Module):
         """
         num_boxes = global_num_boxes(targets, predictions[0].logits.device)
         total, loss_dict = 0.0, {}
-        for prediction in predictions:
-            indices = self.matcher(prediction.logits, prediction.pred_boxes, targets, prediction.num_groups)
+        for stack in _stackable(predictions):
             # Each group sees every box once, so it is normalised as a full copy of the targets.
-            losses = self._losses(prediction, targets, indices, num_boxes * prediction.num_groups)
-            suffix = f"_{prediction.name}" if prediction.name else ""
-            for key, value in losses.items():
-                total = total + self.coefficients[key] * value
-                loss_dict[key + suffix] = value.detach()
+            losses = self._losses(stack, targets, num_boxes * stack[0].num_groups)
+            for position, prediction in enumerate(stack):
+                suffix = f"_{prediction.name}" if prediction.name else ""
+                for key, values in losses.items():
+                    total = total + self.coefficients[key] * values[position]
+                    loss_dict[key + suffix] = values[position].detach()
         return total, loss_dict
 
-    def _losses(self, prediction: SetPredictions, targets, indices, normaliser) -> dict[str, torch.Tensor]:
-        device = prediction.logits.device
+    def _losses(self, stack: list[SetPredictions], targets, normaliser) -> dict[str, torch.Tensor]:
+        """The losses of sets of equal shape (e.g. the decoder layers), matched and scored in one pass: per key a
+        `[sets]` tensor."""
+        device = stack[0].logits.device
         # float32 without autocast: half-precision focal/GIoU maths is where mixed-precision training gets NaN.
         with torch.autocast(device_type=device.type, enabled=False):
-            logits = prediction.logits.float()
-            image_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device)
+            logits = torch.stack([prediction.logits for prediction in stack]).float()  # [S, B, Q, C]
+            pred_boxes = torch.stack([prediction.pred_boxes for prediction in stack]).float()
+            sets, batch = logits.shape[:2]
+            indices = self.matcher(logits, pred_boxes, targets, stack[0].num_groups)  # per (set, image)
+            set_idx = torch.cat([torch.full_like(q, k // batch) for k, (q, _) in enumerate(indices)]).to(device)
+            image_idx = torch.cat([torch.full_like(q, k % batch) for k, (q, _) in enumerate(indices)]).to(device)
             query_idx = torch.cat([q for q, _ in indices]).to(device)
-            target_classes = torch.cat([t["class_labels"].to(device)[j.to(device)]
-                                        for t, (_, j) in zip(targets, indices)]).long()
-            target_boxes = torch.cat([t["boxes"].to(device)[j.to(device)]
-                                      for t, (_, j) in zip(targets, indices)]).float()
+            target_idx = torch.cat([j for _, j in indices]).to(device)
+            # The targets of all images in one row each: offsets turn (image, target) into a row.
+            sizes = torch.tensor([len(t["boxes"]) for t in targets], device=device)
+            offsets = torch.cumsum(sizes, 0) - sizes
+            all_classes = torch.cat([t["class_labels"].to(device) for t in targets]).long()
+            all_boxes = torch.cat([t["boxes"].to(device) for t in targets]).float().reshape(-1, 4)
+            rows = offsets[image_idx] + target_idx
+            target_classes, target_boxes = all_classes[rows], all_boxes[rows]
             # Unmatched queries (and all queries of images without boxes) are negatives for every class.
             one_hot = torch.zeros_like(logits)
-            one_hot[image_idx, query_idx, target_classes] = 1.0
-            loss_class = sigmoid_focal_loss(logits, one_hot, self.focal_alpha, self.focal_gamma, reduction="sum")
-            matched_boxes = prediction.pred_boxes.float()[image_idx, query_idx]
-            loss_bbox = (matched_boxes - target_boxes).abs().sum()
-            loss_giou = generalized_box_iou_loss(box_convert(matched_boxes, "cxcywh", "xyxy"),
-                                                 box_convert(target_boxes, "cxcywh", "xyxy"), reduction="sum")
+            one_hot[set_idx, image_idx, query_idx, target_classes] = 1.0
+            loss_class = sigmoid_focal_loss(logits, one_hot, self.focal_alpha, self.focal_gamma,
+                                            reduction="none").flatten(1).sum(1)
+            matched_boxes = pred_boxes[set_idx, image_idx, query_idx]
+            l1 = (matched_boxes - target_boxes).abs().sum(-1)
+            giou = generalized_box_iou_loss(box_convert(matched_boxes, "cxcywh", "xyxy"),
+                                            box_convert(target_boxes, "cxcywh", "xyxy"), reduction="none")
+            loss_bbox = torch.zeros(sets, device=device).index_add(0, set_idx, l1)
+            loss_giou = torch.zeros(sets, device=device).index_add(0, set_idx, giou)
         return {"loss_class": loss_class / normaliser, "loss_bbox": loss_bbox / normaliser,
                 "loss_giou": loss_giou / normaliser}
+
+
+def _stackable(predictions: list[SetPredictions]) -> list[list[SetPredictions]]:
+    """`predictions` in runs of sets that can be matched and scored together: the same shapes, groups and dtype,
+    in their order (the decoder layers form one run, the proposals another)."""
+    runs: list[list[SetPredictions]] = []
+    for prediction in predictions:
+        if runs and _stack_key(runs[-1][0]) == _stack_key(prediction):
+            runs[-1].append(prediction)
+        else:
+            runs.append([prediction])
+    return runs
+
+
+def _stack_key(prediction: SetPredictions) -> tuple:
+    return (prediction.logits.shape, prediction.pred_boxes.shape, prediction.num_groups, prediction.logits.dtype)

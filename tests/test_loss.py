@@ -213,6 +213,34 @@ def test_keys_normalisation_and_total():
     assert loss_dict["loss_bbox"].item() == pytest.approx(l1.item() / (5 * 2), rel=1e-6)
 
 
+def test_sets_of_equal_shape_are_matched_and_scored_together_as_each_alone():
+    """The decoder layers go through the matcher and the losses as one stack: every set's matching and losses are
+    those it gets alone, and a set of another shape (the proposals) is scored on its own."""
+    generator = torch.Generator().manual_seed(8)
+    targets = random_targets([3, 0, 2], 4, generator)
+    layers = [(torch.randn(3, 8, 4, generator=generator), random_boxes(24, generator).view(3, 8, 4)) for _ in range(3)]
+    proposals = (torch.randn(3, 10, 4, generator=generator), random_boxes(30, generator).view(3, 10, 4))
+    stacked = HungarianMatcher()(torch.stack([l for l, _ in layers]), torch.stack([b for _, b in layers]), targets,
+                                 num_groups=2)
+    alone = [pair for logits, boxes in layers for pair in HungarianMatcher()(logits, boxes, targets, num_groups=2)]
+    assert len(stacked) == 9 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                     for a, b in zip(stacked, alone))
+
+    names = ["", "dec_0", "dec_1"]
+    predictions = [SetPredictions(name, logits, boxes, 2) for name, (logits, boxes) in zip(names, layers)]
+    predictions.append(SetPredictions("proposals", *proposals))
+    total, loss_dict = make_criterion()(predictions, targets)
+    expected_total = 0.0
+    for prediction in predictions:
+        single_total, single = make_criterion()([SetPredictions("", prediction.logits, prediction.pred_boxes,
+                                                                prediction.num_groups)], targets)
+        suffix = f"_{prediction.name}" if prediction.name else ""
+        for key, value in single.items():
+            torch.testing.assert_close(loss_dict[key + suffix], value, rtol=1e-6, atol=1e-7)
+        expected_total += single_total
+    torch.testing.assert_close(total, expected_total, rtol=1e-6, atol=1e-6)
+
+
 def test_image_without_boxes_pushes_all_its_probabilities_down():
     generator = torch.Generator().manual_seed(3)
     targets = random_targets([2, 0], 3, generator)
