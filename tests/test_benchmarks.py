@@ -119,3 +119,41 @@ def test_a_measured_step_trains_what_the_variant_says():
     assert frozen["trainable_parameters"] < full["trainable_parameters"]
     assert full["trainable_parameters"] < full["parameters"]  # the VAE never trains
     assert all(row["peak_gib"] > 0 and row["step_seconds"] > 0 for row in (full, folded, frozen))
+
+
+def test_criterion_stacking_benchmark_times_both_modes(capsys):
+    criterion_stacking = load_benchmark("criterion_stacking")
+    times = criterion_stacking.main(["--batch-size", "2", "--repeats", "2", "--calls", "1"])
+    assert set(times) == {"per set", "stacked"} and all(len(v) == 2 and min(v) > 0 for v in times.values())
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 3 and table[-1].endswith("| 1.00 |")
+
+
+quality_per_compute = load_benchmark("quality_per_compute")
+
+
+def test_quality_per_compute_models_are_matched():
+    id2label = {i: str(i) for i in range(5)}
+    ours, config = quality_per_compute.build_model("ours", id2label, list(range(5)))
+    lwdetr, _ = quality_per_compute.build_model("lwdetr", id2label, list(range(5)))
+    assert config.image_size == [256, 256] and config.num_queries == quality_per_compute.NUM_QUERIES
+    assert lwdetr.config.num_queries == config.num_queries and lwdetr.config.group_detr == config.num_query_groups
+    assert lwdetr.config.backbone_config.patch_size == config.backbone_config.patch_size == 8
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert 0.8 < count(lwdetr) / count(ours) < 1.25
+    with pytest.raises(ValueError, match="unknown model"):
+        quality_per_compute.build_model("detr", id2label, list(range(5)))
+
+
+@pytest.mark.slow  # about a minute: four child processes train both models a few steps and score them
+def test_quality_per_compute_end_to_end(tmp_path, capsys):
+    argv = ["--work_dir", str(tmp_path), "--unit_cpu_minutes", "0.05", "--budgets", "1,2", "--train_images", "8",
+            "--eval_images", "4", "--jobs", "2", "--json", str(tmp_path / "results.json")]
+    results = quality_per_compute.main(argv)
+    assert sorted((r["model"], r["budget"]) for r in results) == [("lwdetr", 1), ("lwdetr", 2), ("ours", 1), ("ours", 2)]
+    for result in results:
+        assert result["steps"] >= 1 and result["train_cpu_seconds"] > 0 and 0 <= result["test_map"] <= 1
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 4
+    again = quality_per_compute.main(argv)  # finished runs are reused, not retrained
+    assert [r["train_cpu_seconds"] for r in again] == [r["train_cpu_seconds"] for r in results]
