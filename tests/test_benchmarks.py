@@ -157,3 +157,14 @@ def test_quality_per_compute_end_to_end(tmp_path, capsys):
     assert len(table) == 1 + 4
     again = quality_per_compute.main(argv)  # finished runs are reused, not retrained
     assert [r["train_cpu_seconds"] for r in again] == [r["train_cpu_seconds"] for r in results]
+
+
+def test_mixed_precision_benchmark_compares_both_precisions_from_the_same_weights(capsys):
+    mixed_precision = load_benchmark("mixed_precision")
+    (result,) = mixed_precision.main(["--geometries", "small", "--repeats", "2", "--steps", "1", "--device", "cpu"])
+    assert set(result["times"]) == {"train float32", "train bfloat16", "infer_b8 float32", "infer_b8 bfloat16"}
+    losses = result["first_loss"]
+    assert math.isfinite(losses["bfloat16"]) and losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
+    assert 0 <= result["max_score_difference"] < 0.05
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 3 and "bfloat16 speed-up" in table[0]
