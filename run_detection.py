@@ -546,9 +546,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
         if training_args.push_to_hub:
             push_folder_to_hub(output_dir, training_args.hub_model_id or output_dir.name,
                                token=training_args.hub_token, private=training_args.hub_private_repo)
-    shown = "test" if test is not None else "eval"
-    print(f"{shown} mAP: {metrics[f'{shown}_map']:.4f}  mAP@50: {metrics[f'{shown}_map_50']:.4f}  "
-          f"({metrics['train_minutes']} min; model, metrics, card and preview in {output_dir})")
+    if trainer.is_world_process_zero():  # the metrics are every process's; one says them
+        shown = "test" if test is not None else "eval"
+        print(f"{shown} mAP: {metrics[f'{shown}_map']:.4f}  mAP@50: {metrics[f'{shown}_map_50']:.4f}  "
+              f"({metrics['train_minutes']} min; model, metrics, card and preview in {output_dir})")
     return metrics
 
 

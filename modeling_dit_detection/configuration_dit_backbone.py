@@ -123,7 +123,7 @@ class DiTBackboneConfig(BackboneConfigMixin, PretrainedConfig):
         self.mlp_norm_eps = mlp_norm_eps
         self.attention_bias = attention_bias
         self.vae_config = copy.deepcopy(vae_config) if vae_config is not None else None
-        self.image_size = _pair(image_size)
+        self.image_size = as_pair(image_size)
         self.feature_timestep = feature_timestep
         self.num_train_timesteps = num_train_timesteps
         self.beta_start = beta_start
@@ -215,7 +215,8 @@ def check_positive_integers(config: PretrainedConfig, names: tuple[str, ...]) ->
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
-def _pair(size) -> list[int]:
+def as_pair(size) -> list[int]:
+    """An image size given as an int (square) or (height, width), as [height, width]."""
     if isinstance(size, int) and not isinstance(size, bool):
         return [size, size]
     if not isinstance(size, (list, tuple)) or len(size) != 2:

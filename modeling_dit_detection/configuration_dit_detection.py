@@ -8,7 +8,7 @@ import logging
 
 from transformers import PretrainedConfig
 
-from .configuration_dit_backbone import DIT_PRESETS, DiTBackboneConfig, _pair, check_positive_integers
+from .configuration_dit_backbone import DIT_PRESETS, DiTBackboneConfig, as_pair, check_positive_integers
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class DiTDetectionConfig(PretrainedConfig):
     @image_size.setter
     def image_size(self, value) -> None:
         # The pretraining grid (`base_grid_size`) stays: positions are interpolated onto it for any input size.
-        self.backbone_config.image_size = _pair(value)
+        self.backbone_config.image_size = as_pair(value)
         self.backbone_config._validate_geometry()
 
     @property

@@ -65,8 +65,8 @@ BBOX_FORMATS = ("coco", "pascal_voc", "yolo")
 # nothing a detector can learn, and torchvision's RandomIoUCrop divides by a crop side that rounds to 0 pixels on them
 # (ZeroDivisionError at a random training step; below 4 pixels at its min_scale 0.3). 8 leaves a margin.
 MIN_IMAGE_SIDE = 8
-# Issues of `_clean_record` that drop the record (with skip_bad_images; else they are errors).
-_SKIPPED_ISSUES = ("bad_image", "image_too_small")
+# Issues of `check_record` that drop the record (with skip_bad_images; else they are errors).
+SKIPPED_ISSUES = ("bad_image", "image_too_small")
 # EXIF orientations 5-8 include a 90 degree rotation: `ImageOps.exif_transpose` swaps width and height.
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)
 
@@ -400,7 +400,7 @@ def _category_values(splits: DatasetDict, key: str) -> set:
     values = set()
     for name, split in splits.items():
         for row, objects in enumerate(split["objects"]):
-            for j, category in enumerate(_dict_of_lists(objects).get(key) or []):
+            for j, category in enumerate(dict_of_lists(objects).get(key) or []):
                 if category is None:
                     raise ValueError(f"Split {name!r}, row {row}, object {j}: field {key!r} is null.")
                 values.add(category)
@@ -411,11 +411,11 @@ def _canonical_split(dataset: Dataset, split: str, bbox_format: str, key: str, l
                      number_objects: bool) -> Dataset:
     """One `map` to the canonical schema: boxes to COCO pixels, categories to ints, missing fields filled."""
     if number_objects:  # no object ids: number the objects of the split 0, 1, ... in row order
-        lengths = [len(_dict_of_lists(objects).get("bbox") or []) for objects in dataset["objects"]]
+        lengths = [len(dict_of_lists(objects).get("bbox") or []) for objects in dataset["objects"]]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
 
     def convert(example, index):
-        ids = list(range(offsets[index], offsets[index] + len(_dict_of_lists(example["objects"]).get("bbox") or []))) \
+        ids = list(range(offsets[index], offsets[index] + len(dict_of_lists(example["objects"]).get("bbox") or []))) \
             if number_objects else None
         return canonical_record(example, index, split, bbox_format, key, lookup, ids)
 
@@ -432,7 +432,7 @@ def canonical_record(example: dict, index: int, split: str, bbox_format: str, ke
     categories to ints (`lookup`: name -> label, for string categories), missing fields filled. `index`: the record's
     position (its image_id where it has no integer one; named in errors); `ids`: the objects' ids where the source has
     none (None: the source's `id` list)."""
-    objects = _dict_of_lists(example["objects"])
+    objects = dict_of_lists(example["objects"])
     width, height = example.get("width"), example.get("height")
     if width is None or height is None or bbox_format == "yolo":
         # YOLO boxes are fractions of the displayed image: never scale them by a stored size that may be wrong
@@ -456,7 +456,7 @@ def canonical_record(example: dict, index: int, split: str, bbox_format: str, ke
                         "iscrowd": [0] * len(boxes) if crowd is None else [int(bool(c)) for c in crowd]}}
 
 
-def _dict_of_lists(objects) -> dict[str, list]:
+def dict_of_lists(objects) -> dict[str, list]:
     """`objects` as a dict of lists, whether stored as one (cppe-5) or as a list of per-object dicts."""
     if isinstance(objects, dict):
         return objects
@@ -473,7 +473,7 @@ def _to_coco(box: list[float], bbox_format: str, width: int, height: int) -> lis
     return [a, b, c, d]
 
 
-def _open_image(value: dict | None) -> PIL.Image.Image:
+def open_image(value: dict | None) -> PIL.Image.Image:
     """Open an undecoded `datasets.Image` value ({"bytes", "path"}); PIL reads the header only until `.load()`."""
     if value is None or (value.get("bytes") is None and value.get("path") is None):
         raise ValueError("no image bytes or path")
@@ -490,7 +490,7 @@ def _displayed_size(image: PIL.Image.Image) -> tuple[int, int]:
 def _displayed_size_or_zero(value: dict | None) -> tuple[int, int]:
     """Displayed size from the image header; (0, 0) when unreadable, which `clean_split` reports as a bad image."""
     try:
-        return _displayed_size(_open_image(value))
+        return _displayed_size(open_image(value))
     except Exception:  # any decoder failure: the cleaning pass names the record
         return 0, 0
 
@@ -555,14 +555,14 @@ def clean_split(dataset: Dataset, num_labels: int, split: str, report: DataRepor
     """
     undecoded = dataset.cast_column("image", Image(decode=False))
     features = Features({**undecoded.features, "_issues": List(Value("string"))})
-    checked = undecoded.map(_clean_record, with_indices=True, features=features, num_proc=num_proc,
+    checked = undecoded.map(check_record, with_indices=True, features=features, num_proc=num_proc,
                             fn_kwargs={"num_labels": num_labels, "split": split, "skip_bad_images": skip_bad_images},
                             desc=f"Checking {split}")
     keep = []
     for row, (image_id, issues) in enumerate(zip(checked["image_id"], checked["_issues"])):
         for issue in issues:
             report.add(split, issue, image_id)
-        if not any(issue in _SKIPPED_ISSUES for issue in issues):
+        if not any(issue in SKIPPED_ISSUES for issue in issues):
             keep.append(row)
     if len(keep) < len(checked):
         checked = checked.select(keep)
@@ -604,7 +604,12 @@ def _unique_image_ids(dataset: Dataset, split: str, report: DataReport) -> Datas
                        features=dataset.features, desc=f"New ids for repeated image_ids in {split}")
 
 
-def _clean_record(example: dict, index: int, num_labels: int, split: str, skip_bad_images: bool) -> dict:
+def check_record(example: dict, index: int, num_labels: int, split: str, skip_bad_images: bool) -> dict:
+    """The data check of one canonical record (row `index` of `split`): the image decodes and is at least
+    `MIN_IMAGE_SIDE` on a side, categories lie in 0..num_labels-1, boxes are finite, non-empty and inside the
+    displayed image (clipped to it when they overhang). Returns the fixed fields ("width", "height", "objects") and
+    "_issues", the names of what was fixed; an undecodable or too small image raises a `ValueError` naming the
+    record, or with `skip_bad_images` returns only "_issues" (["bad_image"] or ["image_too_small"])."""
     where = f"Split {split!r}, row {index}, image_id {example['image_id']}"
     objects = example["objects"]
     lengths = {k: len(v) for k, v in objects.items()}
@@ -614,7 +619,7 @@ def _clean_record(example: dict, index: int, num_labels: int, split: str, skip_b
         if not isinstance(category, int) or not 0 <= category < num_labels:  # a null one too
             raise ValueError(f"{where}, object {j}: category {category} outside 0..{num_labels - 1}.")
     try:
-        image = _open_image(example["image"])
+        image = open_image(example["image"])
         image.load()  # full decode: a truncated file fails here, not at training step 10k
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... depending on the codec
         if not skip_bad_images:
@@ -874,7 +879,8 @@ def coco_ground_truth(dataset: Dataset, id2label: dict[int, str], category_ids: 
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-__all__ = ["AUGMENTATIONS", "CANONICAL_FEATURES", "DataReport", "DetectionTransform", "MIN_IMAGE_SIDE",
-           "check_object_counts", "clean_split",
-           "coco_ground_truth", "collate_fn", "load_detection_dataset", "make_train_augmentation", "mirrored_in_epoch",
-           "prepare_detection_dataset", "processor_resize", "processor_size"]
+__all__ = ["AUGMENTATIONS", "CANONICAL_FEATURES", "SKIPPED_ISSUES", "AlternatingHorizontalFlip", "DataReport",
+           "DetectionTransform", "MIN_IMAGE_SIDE", "canonical_record", "check_object_counts", "check_record",
+           "clean_split", "coco_ground_truth", "collate_fn", "dict_of_lists", "load_detection_dataset",
+           "make_train_augmentation", "mirrored_in_epoch", "open_image", "prepare_detection_dataset",
+           "processor_resize", "processor_size"]

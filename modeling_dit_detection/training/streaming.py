@@ -5,7 +5,7 @@ materialised, so evaluation runs unchanged.
     source -> IterableDataset (load_dataset(..., streaming=True))
       train: images undecoded -> [held-out records left out] -> [take(max_train_samples)] -> shuffle(seed of the
              stage, buffer) -> split_dataset_by_node(rank, world size) -> per record: canonical fields, the data check
-             (`_clean_record`, the one the non-streaming path runs once), the training transform -> batches
+             (`check_record`, the one the non-streaming path runs once), the training transform -> batches
       validation / test: the first `max_eval_samples` records -> a regular `Dataset` (the non-streaming path's
              canonicalisation and check from there on)
 
@@ -39,8 +39,17 @@ from datasets.distributed import split_dataset_by_node
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .data import (_SKIPPED_ISSUES, SPLIT_ALIASES, SPLITS, DataReport, _clean_record, _dict_of_lists, _open_image,
-                   canonical_record, collate_fn)
+from .data import (
+    SKIPPED_ISSUES,
+    SPLIT_ALIASES,
+    SPLITS,
+    DataReport,
+    canonical_record,
+    check_record,
+    collate_fn,
+    dict_of_lists,
+    open_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -209,16 +218,16 @@ class StreamedTrainSet(torch.utils.data.IterableDataset):
         self.stream.set_epoch(epoch)
         where = f"train stream of process {self.rank} of {self.world_size}" + _worker_text()
         for position, example in enumerate(self.stream):
-            objects = _dict_of_lists(example["objects"])
+            objects = dict_of_lists(example["objects"])
             own_ids = None if "id" in objects else list(range(len(objects.get("bbox") or [])))  # numbered per record
             record = canonical_record(example, position, where, self.bbox_format, self.category_key, None, own_ids)
             if record["image_id"] in self.held_out:
                 continue
             record["image"] = example["image"]
-            checked = _clean_record(record, position, num_labels=self.num_labels, split=where,
+            checked = check_record(record, position, num_labels=self.num_labels, split=where,
                                     skip_bad_images=self.skip_bad_images)
             issues = checked.pop("_issues")
-            if any(issue in _SKIPPED_ISSUES for issue in issues):
+            if any(issue in SKIPPED_ISSUES for issue in issues):
                 yield None, issues, record["image_id"]
             else:
                 yield {**record, **checked}, issues, record["image_id"]
@@ -233,7 +242,7 @@ class StreamedTrainSet(torch.utils.data.IterableDataset):
                     pending.append((int(image_id), list(issues)))
                 if record is None:
                     continue
-                batch = self.transform({"image": [_open_image(record["image"])], "image_id": [record["image_id"]],
+                batch = self.transform({"image": [open_image(record["image"])], "image_id": [record["image_id"]],
                                         "objects": [record["objects"]]})
                 yield {"pixel_values": batch["pixel_values"][0], "labels": batch["labels"][0],
                        "data_issues": pending}
