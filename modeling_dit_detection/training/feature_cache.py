@@ -3,8 +3,9 @@
 alone. They are computed once per distinct input and served from a cache in later epochs.
 
 The rule: with caching, stage one's augmentation is restricted to a finite set, horizontal flip only (colour
-jitter, zoom-out and random crops are dropped in stage one), so each (image, flip) is one input; stage two uses the
-full augmentation again and never the cache (the backbone trains).
+jitter, zoom-out and random crops are dropped in stage one), so each (image, flip) is one input; the flips alternate
+between epochs (`data.AlternatingHorizontalFlip`), so epochs one and two see every input and later epochs only hit.
+Stage two uses the full augmentation again and never the cache (the backbone trains).
 
 Pieces:
 
@@ -334,7 +335,8 @@ class FeatureCaching:
 
     def describe(self) -> str:
         where = f"on disk under {self.cache_dir}" if self.cache_dir else "in memory"
-        flip = "horizontal flip only" if self.augmentation != "none" else "none"
+        flip = ("horizontal flip only, alternating between epochs (all inputs seen by epoch two)"
+                if self.augmentation != "none" else "none")
         return (f"stage one caches the frozen backbone's features ({where}), so its augmentation is {flip} "
                 "(colour jitter, zoom-out and random crops dropped in stage one); stage two uses the full "
                 f"{self.augmentation!r} augmentation and never the cache")
