@@ -20,6 +20,7 @@ import time
 
 import torch
 from matcher_share import random_labels
+from throughput import seconds_per_call
 
 from modeling_dit_detection.loss_dit_detection import DiTDetectionCriterion, HungarianMatcher, SetPredictions
 
@@ -40,15 +41,16 @@ def make_inputs(batch: int) -> tuple[list[SetPredictions], list[dict]]:
     return sets, random_labels(batch, NUM_LABELS, generator)
 
 
-def seconds_per_call(criterion, sets, targets, stacked: bool, calls: int) -> float:
-    started = time.process_time()
-    for _ in range(calls):
+def loss_seconds(criterion, sets, targets, stacked: bool, calls: int) -> float:
+    """CPU-seconds of one loss forward and backward, the sets stacked or one at a time."""
+    def call():
         if stacked:
             total = criterion(sets, targets)[0]
         else:
             total = sum(criterion([prediction], targets)[0] for prediction in sets)
         total.backward()
-    return (time.process_time() - started) / calls
+
+    return seconds_per_call(call, calls, torch.device("cpu"), time.process_time)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -63,11 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
     sets, targets = make_inputs(args.batch_size)
     # The two modes give the same loss (tests/test_loss.py checks it to 1e-6); warm up both.
     for stacked in (False, True):
-        seconds_per_call(criterion, sets, targets, stacked, 2)
+        loss_seconds(criterion, sets, targets, stacked, 2)
     times = {"per set": [], "stacked": []}
     for repeat in range(args.repeats):
         for mode in (("per set", "stacked") if repeat % 2 == 0 else ("stacked", "per set")):
-            times[mode].append(seconds_per_call(criterion, sets, targets, mode == "stacked", args.calls))
+            times[mode].append(loss_seconds(criterion, sets, targets, mode == "stacked", args.calls))
     per_set, stacked = (statistics.median(times[mode]) for mode in ("per set", "stacked"))
     print(f"CPU, {args.threads} thread(s), load {os.getloadavg()[0]:.2f}; batch {args.batch_size}, {LAYERS} decoder "
           f"layers x {GROUPS} groups x {QUERIES} queries + {PROPOSALS} proposals; CPU-ms per loss forward+backward, "

@@ -29,11 +29,11 @@ import json
 import os
 import platform
 import statistics
-import time
 
 import torch
 
 from matcher_share import random_labels
+from throughput import process_clock
 from modeling_dit_detection import DiTDetectionConfig, DiTForObjectDetection, default_out_indices
 from modeling_dit_detection.configuration_dit_backbone import SD_VAE_CONFIG
 from modeling_dit_detection.training.data import mirrored_in_epoch
@@ -98,12 +98,6 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def clock(device) -> float:
-    """CPU-seconds of this process on a CPU (all its threads; robust to other jobs on a shared machine), wall
-    seconds on a GPU."""
-    return time.process_time() if device.type == "cpu" else time.perf_counter()
-
-
 def run_stage_one(model, initial, pixels, labels, args, cached: bool) -> dict:
     """One stage-one run of `args.epochs` epochs from `initial` weights; per-epoch seconds and cache counts."""
     device = pixels.device
@@ -116,14 +110,15 @@ def run_stage_one(model, initial, pixels, labels, args, cached: bool) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     cache = install_feature_cache(model) if cached else None
     seconds, counts = [], []
+    clock = process_clock(device)
     try:
         for epoch in range(args.epochs):
             synchronize(device)
-            started = clock(device)
+            started = clock()
             for batch, targets in epoch_batches(pixels, labels, epoch, args.batch_size):
                 train_step(model, optimizer, batch, targets, args.bf16)
             synchronize(device)
-            seconds.append(clock(device) - started)
+            seconds.append(clock() - started)
             counts.append(cache.take_counts("train") if cache else None)
         result = {"seconds": seconds, "counts": counts}
         if cache:
@@ -140,7 +135,7 @@ def spread(values: list[float]) -> str:
 
 def table(runs: dict[str, list[dict]], epochs: int) -> str:
     lines = ["| epoch | without cache (s) | with cache (s) | speed-up | cache hits / misses |", "|---|---|---|---|---|"]
-    # seconds: CPU-seconds on a CPU, wall seconds on a GPU (`clock`)
+    # seconds: CPU-seconds on a CPU, wall seconds on a GPU (`throughput.process_clock`)
     for epoch in range(epochs):
         plain = [run["seconds"][epoch] for run in runs["plain"]]
         cached = [run["seconds"][epoch] for run in runs["cached"]]

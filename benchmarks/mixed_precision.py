@@ -18,27 +18,22 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import torch
-from throughput import GEOMETRIES, infer, make_batch, make_optimizer, our_config, synchronize, train_step
+from throughput import (
+    GEOMETRIES,
+    infer,
+    make_batch,
+    make_optimizer,
+    our_config,
+    process_clock,
+    seconds_per_call,
+    train_step,
+)
 
 from modeling_dit_detection import DiTForObjectDetection
 
 PRECISIONS = ("float32", "bfloat16")
-
-
-def clock(device: torch.device) -> float:
-    return time.process_time() if device.type == "cpu" else time.perf_counter()
-
-
-def seconds_per_call(fn, calls: int, device: torch.device) -> float:
-    synchronize(device)
-    started = clock(device)
-    for _ in range(calls):
-        fn()
-    synchronize(device)
-    return (clock(device) - started) / calls
 
 
 def measure(geometry: str, device: torch.device, repeats: int, steps: int) -> dict:
@@ -60,8 +55,9 @@ def measure(geometry: str, device: torch.device, repeats: int, steps: int) -> di
         for precision in (PRECISIONS if repeat % 2 == 0 else PRECISIONS[::-1]):
             bf16 = precision == "bfloat16"
             times[f"train {precision}"].append(seconds_per_call(
-                lambda: train_step(model, optimizer, pixels, labels, bf16), steps, device))
-            times[f"infer_b8 {precision}"].append(seconds_per_call(lambda: infer(model, pixels, bf16), steps, device))
+                lambda: train_step(model, optimizer, pixels, labels, bf16), steps, device, process_clock(device)))
+            times[f"infer_b8 {precision}"].append(seconds_per_call(
+                lambda: infer(model, pixels, bf16), steps, device, process_clock(device)))
     return {"geometry": geometry, "times": times, "first_loss": first_loss,
             "max_score_difference": float((scores["float32"] - scores["bfloat16"]).abs().max())}
 

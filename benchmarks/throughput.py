@@ -212,13 +212,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def seconds_per_call(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+def process_clock(device: torch.device) -> Callable[[], float]:
+    """CPU-seconds of this process (all its threads) on a CPU, which other jobs on a shared machine distort less
+    than wall time; wall seconds on a GPU."""
+    return time.process_time if device.type == "cpu" else time.perf_counter
+
+
+def seconds_per_call(fn: Callable[[], object], calls: int, device: torch.device,
+                     clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds per call of `fn` by `clock` (default: wall), the device synchronised around the calls."""
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(calls):
         fn()
     synchronize(device)
-    return (time.perf_counter() - start) / calls
+    return (clock() - start) / calls
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, calls: int = 5) -> float:
