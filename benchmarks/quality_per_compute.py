@@ -60,14 +60,15 @@ def make_data(work_dir: Path, train_images: int, eval_images: int) -> Path:
     return folder
 
 
-def build_model(name: str, id2label: dict[int, str], category_ids: list[int]):
+def build_model(name: str, id2label: dict[int, str], category_ids: list[int], overrides: dict | None = None):
     from throughput import lwdetr_config
     from transformers import LwDetrForObjectDetection
 
     from modeling_dit_detection import DiTDetectionConfig, DiTForObjectDetection
 
     config = DiTDetectionConfig.from_preset("small", id2label=id2label, image_size=(IMAGE_SIZE, IMAGE_SIZE),
-                                            patch_size=PATCH_SIZE, num_queries=NUM_QUERIES, category_ids=category_ids)
+                                            patch_size=PATCH_SIZE, num_queries=NUM_QUERIES, category_ids=category_ids,
+                                            **(overrides or {}))
     if name == "ours":
         return DiTForObjectDetection(config), config
     if name == "lwdetr":
@@ -94,7 +95,8 @@ def seconds_per_step(model, loader, steps: int) -> float:
     return sum(timed) / len(timed)
 
 
-def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, out_dir: Path, threads: int) -> dict:
+def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, out_dir: Path, threads: int,
+            overrides: dict) -> dict:
     """Train `model_name` for `budget_seconds` CPU-seconds (by calibrated step count), score the test split."""
     import datasets
     import torch
@@ -114,7 +116,7 @@ def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, o
     torch.set_num_threads(threads)
     set_seed(seed)
     splits, id2label, category_ids = prepare_detection_dataset(datasets.load_from_disk(str(data_dir)))
-    model, config = build_model(model_name, id2label, category_ids)
+    model, config = build_model(model_name, id2label, category_ids, overrides if model_name == "ours" else None)
     processor = DiTDetectionImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                            size_divisor=config.backbone_stride)
     transform = DetectionTransform(processor, make_train_augmentation((IMAGE_SIZE, IMAGE_SIZE), "light"), seed=seed)
@@ -150,15 +152,19 @@ def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, o
             "parameters": sum(p.numel() for p in model.parameters()), "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "test_map": metrics["test_map"],
             "test_map_50": metrics["test_map_50"], "test_map_small": metrics["test_map_small"],
-            "threads": threads}
+            "threads": threads, "overrides": overrides if model_name == "ours" else {}}
 
 
 def launch(model_name: str, budget: float, seed: int, args, data_dir: Path) -> dict:
     """One run in its own process (or its earlier result, when it finished with the same settings)."""
-    out_dir = Path(args.work_dir) / "runs" / f"{model_name}_x{budget:g}_seed{seed}"
+    overrides = json.loads(args.ours_config) if model_name == "ours" else {}
+    tag = args.tag if model_name == "ours" else ""
+    out_dir = Path(args.work_dir) / "runs" / f"{model_name}{tag}_x{budget:g}_seed{seed}"
     result_file = out_dir / "result.json"
     budget_seconds = budget * args.unit_cpu_minutes * 60
     settings = {"data": data_dir.name, "budget_cpu_seconds": budget_seconds, "threads": args.threads}
+    if overrides:
+        settings["overrides"] = overrides
     if result_file.exists():
         saved = json.loads(result_file.read_text())
         if saved.get("settings") == settings:
@@ -169,12 +175,12 @@ def launch(model_name: str, budget: float, seed: int, args, data_dir: Path) -> d
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, __file__, "--child", model_name, "--child_budget", str(budget_seconds),
                "--child_seed", str(seed), "--child_data", str(data_dir), "--child_out", str(out_dir),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--ours_config", json.dumps(overrides)]
     print(f"  start {out_dir.name} ({budget_seconds / 60:.0f} CPU-min)", flush=True)
     started = time.time()
     with open(out_dir / "run.log", "w") as log:
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
-    result = {**json.loads(result_file.read_text()), "budget": budget, "wall_minutes": (time.time() - started) / 60,
+    result = {**json.loads(result_file.read_text()), "model": f"{model_name}{tag}", "budget": budget, "wall_minutes": (time.time() - started) / 60,
               "settings": settings}
     result_file.write_text(json.dumps(result, indent=1))
     print(f"  done {out_dir.name}: {result['steps']} steps, test mAP {result['test_map']:.3f}", flush=True)
@@ -203,6 +209,9 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--ours_config", default="{}",
+                        help='JSON of DiTDetectionConfig fields that override ours, e.g. \'{"class_loss": "iou_aware"}\'')
+    parser.add_argument("--tag", default="", help="suffix of ours' run folders (use one per --ours_config)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child_budget", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--child_seed", type=int, help=argparse.SUPPRESS)
@@ -212,10 +221,15 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
 
     if args.child:
         result = run_one(args.child, args.child_budget, args.child_seed, Path(args.child_data),
-                         Path(args.child_out), args.threads)
+                         Path(args.child_out), args.threads, json.loads(args.ours_config))
         (Path(args.child_out) / "result.json").write_text(json.dumps(result, indent=1))
         return None
 
+    try:
+        if not isinstance(json.loads(args.ours_config), dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        parser.error(f"--ours_config: {error}")
     models = args.models.split(",")
     for name in models:
         if name not in MODELS:

@@ -43,6 +43,8 @@ DETECTOR_PRESETS = {
     },
 }
 PRESETS = (*DIT_PRESETS, *DETECTOR_PRESETS)
+BOX_UPDATES = ("logit", "relative")
+CLASS_LOSSES = ("focal", "iou_aware")
 
 # The `DiTBackboneConfig` arguments; in `from_preset` overrides these go to the backbone, the rest to the detector.
 BACKBONE_ARGUMENTS = frozenset(inspect.signature(DiTBackboneConfig.__init__).parameters) - {"self", "kwargs"}
@@ -69,9 +71,16 @@ class DiTDetectionConfig(PretrainedConfig):
         decoder_layers, decoder_attention_heads, decoder_ffn_dim, decoder_n_points, dropout: DETR-style decoder with
             multi-scale deformable cross-attention (`decoder_n_points` sampling points per head and pyramid level)
             and iterative box refinement.
+        box_update (`str`): how a predicted correction moves a reference box (decoder layers and proposals):
+            `"relative"` (default; LW-DETR's reparametrisation: the centre moves in units of the box's size, the size
+            is scaled by `exp(delta)`) or `"logit"` (Deformable DETR: added in inverse-sigmoid space; what a config
+            saved without this field gets).
         class_cost, bbox_cost, giou_cost: Hungarian matching costs (focal classification, L1, generalised IoU).
         class_loss_coefficient, bbox_loss_coefficient, giou_loss_coefficient: loss weights.
         focal_alpha, focal_gamma: sigmoid focal loss parameters (also used by the matching cost).
+        class_loss (`str`): `"iou_aware"` (default; LW-DETR's IoU-aware BCE: a matched query's target is
+            `prob**focal_alpha * IoU**(1 - focal_alpha)`, so scores rank boxes by how well they fit) or `"focal"`
+            (sigmoid focal loss, one-hot targets; what a config saved without this field gets).
         initializer_range (`float`): std of the truncated normal init of new (head) weights.
         category_ids (`list[int]`, *optional*): the dataset's own id of each label (label i is category
             `category_ids[i]`, e.g. COCO's 1..90 with gaps), for outputs in the dataset's ids (COCO results). `None`:
@@ -96,14 +105,16 @@ class DiTDetectionConfig(PretrainedConfig):
         decoder_ffn_dim: int = 1024,
         decoder_n_points: int = 4,
         dropout: float = 0.0,
+        box_update: str | None = None,
         class_cost: float = 2.0,
         bbox_cost: float = 5.0,
         giou_cost: float = 2.0,
-        class_loss_coefficient: float = 2.0,
+        class_loss_coefficient: float = 1.0,
         bbox_loss_coefficient: float = 5.0,
         giou_loss_coefficient: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        class_loss: str | None = None,
         initializer_range: float = 0.02,
         category_ids: list[int] | None = None,
         **kwargs,
@@ -128,6 +139,10 @@ class DiTDetectionConfig(PretrainedConfig):
         self.decoder_ffn_dim = decoder_ffn_dim
         self.decoder_n_points = decoder_n_points
         self.dropout = dropout
+        # A config saved before these fields existed (read from a file: it carries `transformers_version`) keeps the
+        # behaviour its weights were trained with; new configs get the current defaults.
+        saved = "transformers_version" in kwargs
+        self.box_update = box_update or ("logit" if saved else "relative")
         self.class_cost = class_cost
         self.bbox_cost = bbox_cost
         self.giou_cost = giou_cost
@@ -136,6 +151,7 @@ class DiTDetectionConfig(PretrainedConfig):
         self.giou_loss_coefficient = giou_loss_coefficient
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.class_loss = class_loss or ("focal" if saved else "iou_aware")
         self.initializer_range = initializer_range
         self.category_ids = None if category_ids is None else [int(c) for c in category_ids]
         super().__init__(**kwargs)
@@ -188,6 +204,10 @@ class DiTDetectionConfig(PretrainedConfig):
                 raise ValueError(f"pyramid_scales entries must be 4, 2, 1, 0.5 or 0.25, got {scale}.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}.")
+        if self.box_update not in BOX_UPDATES:
+            raise ValueError(f"box_update must be one of {BOX_UPDATES}, got {self.box_update!r}.")
+        if self.class_loss not in CLASS_LOSSES:
+            raise ValueError(f"class_loss must be one of {CLASS_LOSSES}, got {self.class_loss!r}.")
         if not 0 < self.focal_alpha < 1 or self.focal_gamma < 0:
             raise ValueError(f"focal_alpha must lie in (0, 1) and focal_gamma be >= 0, got {self.focal_alpha}, "
                              f"{self.focal_gamma}.")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
@@ -148,6 +149,17 @@ class HungarianMatcher:
             return torch.nan_to_num(cost, nan=_INVALID_COST, posinf=_INVALID_COST, neginf=_INVALID_COST)
 
 
+def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU of each box with its partner: `[N, 4]` and `[N, 4]` (x0, y0, x1, y1) -> `[N]` (the diagonal of
+    `torchvision.ops.box_iou`, without its `N x N` matrix)."""
+    top_left = torch.max(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(-1)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).prod(-1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).prod(-1)
+    return intersection / (area1 + area2 - intersection).clamp(min=1e-12)
+
+
 def batched_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Pairwise generalised IoU per batch element: `[..., N, 4]` x `[..., M, 4]` (x0, y0, x1, y1) -> `[..., N, M]`;
     the batched form of `torchvision.ops.generalized_box_iou`, which takes one image's boxes at a time."""
@@ -191,9 +203,12 @@ class DiTDetectionCriterion(torch.nn.Module):
     """Sigmoid focal classification + L1 + GIoU losses, after Hungarian matching, on every set of predictions."""
 
     def __init__(self, matcher: HungarianMatcher, class_loss_coefficient=2.0, bbox_loss_coefficient=5.0,
-                 giou_loss_coefficient=2.0, focal_alpha=0.25, focal_gamma=2.0):
+                 giou_loss_coefficient=2.0, focal_alpha=0.25, focal_gamma=2.0, class_loss="focal"):
         super().__init__()
+        if class_loss not in ("focal", "iou_aware"):
+            raise ValueError(f"class_loss must be 'focal' or 'iou_aware', got {class_loss!r}.")
         self.matcher = matcher
+        self.class_loss = class_loss
         self.coefficients = {"loss_class": class_loss_coefficient, "loss_bbox": bbox_loss_coefficient,
                              "loss_giou": giou_loss_coefficient}
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
@@ -241,19 +256,41 @@ class DiTDetectionCriterion(torch.nn.Module):
             all_boxes = torch.cat([t["boxes"].to(device) for t in targets]).float().reshape(-1, 4)
             rows = offsets[image_idx] + target_idx
             target_classes, target_boxes = all_classes[rows], all_boxes[rows]
-            # Unmatched queries (and all queries of images without boxes) are negatives for every class.
-            one_hot = torch.zeros_like(logits)
-            one_hot[set_idx, image_idx, query_idx, target_classes] = 1.0
-            loss_class = sigmoid_focal_loss(logits, one_hot, self.focal_alpha, self.focal_gamma,
-                                            reduction="none").flatten(1).sum(1)
             matched_boxes = pred_boxes[set_idx, image_idx, query_idx]
+            matched_corners = box_convert(matched_boxes, "cxcywh", "xyxy")
+            target_corners = box_convert(target_boxes, "cxcywh", "xyxy")
+            positives = (set_idx, image_idx, query_idx, target_classes)
+            if self.class_loss == "focal":
+                loss_class = self._focal_loss(logits, positives)
+            else:
+                loss_class = self._iou_aware_loss(logits, positives, paired_box_iou(matched_corners.detach(),
+                                                                                    target_corners))
             l1 = (matched_boxes - target_boxes).abs().sum(-1)
-            giou = generalized_box_iou_loss(box_convert(matched_boxes, "cxcywh", "xyxy"),
-                                            box_convert(target_boxes, "cxcywh", "xyxy"), reduction="none")
+            giou = generalized_box_iou_loss(matched_corners, target_corners, reduction="none")
             loss_bbox = torch.zeros(sets, device=device).index_add(0, set_idx, l1)
             loss_giou = torch.zeros(sets, device=device).index_add(0, set_idx, giou)
         return {"loss_class": loss_class / normaliser, "loss_bbox": loss_bbox / normaliser,
                 "loss_giou": loss_giou / normaliser}
+
+    def _focal_loss(self, logits, positives) -> torch.Tensor:
+        """Sigmoid focal loss summed per set `[S]`; `positives` indexes (set, image, query, class) of the matches.
+        Unmatched queries (and all queries of images without boxes) are negatives for every class."""
+        one_hot = torch.zeros_like(logits)
+        one_hot[positives] = 1.0
+        return sigmoid_focal_loss(logits, one_hot, self.focal_alpha, self.focal_gamma, reduction="none").flatten(1).sum(1)
+
+    def _iou_aware_loss(self, logits, positives, iou) -> torch.Tensor:
+        """LW-DETR's IoU-aware BCE summed per set `[S]`: a matched (query, class) aims at the soft target
+        `t = prob**alpha * IoU**(1 - alpha)` (detached, at least 0.01) with weights `t` and `1 - t`; every other logit
+        is a negative weighted by `prob**gamma`, as in the focal loss. `iou`: `[matches]` IoU of each matched box."""
+        prob = logits.sigmoid()
+        target = (prob[positives].detach() ** self.focal_alpha * iou ** (1 - self.focal_alpha)).clamp(min=0.01)
+        positive_weight = torch.zeros_like(logits)
+        positive_weight[positives] = target
+        negative_weight = prob**self.focal_gamma
+        negative_weight = negative_weight.index_put(positives, 1 - target)
+        loss = -positive_weight * F.logsigmoid(logits) - negative_weight * F.logsigmoid(-logits)
+        return loss.flatten(1).sum(1)
 
 
 def _stackable(predictions: list[SetPredictions]) -> list[list[SetPredictions]]:

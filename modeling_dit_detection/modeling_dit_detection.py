@@ -50,6 +50,24 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+# exp() of a size delta above this would only make a box many times the image; the cap keeps it finite in bf16.
+_MAX_LOG_SCALE = math.log(1000.0)
+
+
+def update_boxes(reference: torch.Tensor, delta: torch.Tensor, mode: str) -> torch.Tensor:
+    """Apply a predicted correction `delta` `[..., 4]` to reference boxes `[..., 4]` (cx, cy, w, h in 0..1).
+
+    "logit" (Deformable DETR): `sigmoid(inverse_sigmoid(reference) + delta)`; a centre moves by about
+    `delta * cx * (1 - cx)` whatever the box's size. "relative" (LW-DETR's box reparametrisation): the centre moves by
+    `delta * (w, h)` and the size is scaled by `exp(delta)`, so a correction is in units of the box itself, which is
+    what small objects need; boxes may leave 0..1 (post-processing clips them)."""
+    if mode == "logit":
+        return (inverse_sigmoid(reference) + delta).sigmoid()
+    size = reference[..., 2:]
+    return torch.cat([reference[..., :2] + delta[..., :2] * size,
+                      size * delta[..., 2:].clamp(max=_MAX_LOG_SCALE).exp()], dim=-1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Neck: normalised taps -> simple feature pyramid (ViTDet)
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,12 +225,14 @@ class DiTDetectionDecoderLayer(nn.Module):
 
 
 class DiTDetectionDecoder(nn.Module):
-    """Decoder layers with iterative box refinement: layer `l` predicts a correction of its reference boxes in
-    logit space; the refined boxes (detached, as in Deformable DETR) are the next layer's references."""
+    """Decoder layers with iterative box refinement: layer `l` predicts a correction of its reference boxes
+    (`update_boxes`, `config.box_update`); the refined boxes (detached, as in Deformable DETR) are the next layer's
+    references."""
 
     def __init__(self, config: DiTDetectionConfig):
         super().__init__()
         self.d_model = config.d_model
+        self.box_update = config.box_update
         self.layers = nn.ModuleList(DiTDetectionDecoderLayer(config) for _ in range(config.decoder_layers))
         self.query_pos_head = MLP(2 * config.d_model, config.d_model, config.d_model, 2)
         self.box_heads = nn.ModuleList(MLP(config.d_model, config.d_model, 4, 3) for _ in range(config.decoder_layers))
@@ -224,7 +244,7 @@ class DiTDetectionDecoder(nn.Module):
         for layer, box_head in zip(self.layers, self.box_heads):
             query_pos = self.query_pos_head(sine_box_embedding(reference_boxes, self.d_model))
             hidden_states = layer(hidden_states, query_pos, reference_boxes, memory, spatial_shapes, self_attn_mask)
-            boxes = (box_head(hidden_states) + inverse_sigmoid(reference_boxes)).sigmoid()
+            boxes = update_boxes(reference_boxes, box_head(hidden_states), self.box_update)
             all_hidden.append(hidden_states)
             all_boxes.append(boxes)
             reference_boxes = boxes.detach()
@@ -429,7 +449,7 @@ class DiTDetectionModel(DiTDetectionPreTrainedModel):
                              f"{num_queries}; use larger images or fewer queries.")
         features = self.proposal_norm(self.proposal_proj(memory))
         logits = self.proposal_class_head(features)
-        boxes = (self.proposal_box_head(features) + inverse_sigmoid(anchors)).sigmoid()
+        boxes = update_boxes(anchors, self.proposal_box_head(features), self.config.box_update)
         return logits, boxes
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None) -> DiTDetectionModelOutput:
@@ -554,7 +574,8 @@ class DiTForObjectDetection(DiTDetectionPreTrainedModel):
         matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost,
                                    config.focal_alpha, config.focal_gamma)
         criterion = DiTDetectionCriterion(matcher, config.class_loss_coefficient, config.bbox_loss_coefficient,
-                                          config.giou_loss_coefficient, config.focal_alpha, config.focal_gamma)
+                                          config.giou_loss_coefficient, config.focal_alpha, config.focal_gamma,
+                                          config.class_loss)
         return criterion(predictions, labels)
 
 

@@ -105,6 +105,8 @@ DETECTOR_ERRORS = [
     ({"pyramid_scales": [3.0]}, "must be 4, 2, 1, 0.5 or 0.25"),
     ({"dropout": 1.0}, r"dropout must lie in \[0, 1\)"),
     ({"focal_alpha": 0.0}, "focal_alpha must lie in"),
+    ({"box_update": "sigmoid"}, "box_update must be one of"),
+    ({"class_loss": "softmax"}, "class_loss must be one of"),
     ({"giou_cost": -1.0}, "giou_cost must be >= 0"),
     ({"category_ids": [1, 1]}, "one distinct dataset id per label"),
     ({"backbone_config": "DiT-XL/2"}, "must be a DiTBackboneConfig or a dict"),
@@ -142,3 +144,20 @@ def test_a_detector_saved_before_version_0_2_loads_with_identical_outputs(tmp_pa
     with torch.no_grad():
         again = DiTForObjectDetection.from_pretrained(tmp_path).eval()(expected["pixel_values"])
     torch.testing.assert_close(again.logits, expected["logits"], rtol=0, atol=0)
+
+
+def test_configs_saved_without_box_update_and_class_loss_keep_their_old_behaviour(tmp_path):
+    """New configs get the relative box update and the IoU-aware loss and keep them through save/load; a config saved
+    before the fields existed (no such keys in its file) reads as the logit update and the focal loss its weights were
+    trained with."""
+    config = DiTDetectionConfig.from_preset("tiny", id2label={0: "a", 1: "b"})
+    assert (config.box_update, config.class_loss, config.class_loss_coefficient) == ("relative", "iou_aware", 1.0)
+    config.save_pretrained(tmp_path)
+    reloaded = DiTDetectionConfig.from_pretrained(tmp_path)
+    assert (reloaded.box_update, reloaded.class_loss) == ("relative", "iou_aware")
+
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["box_update"], saved["class_loss"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    old = DiTDetectionConfig.from_pretrained(tmp_path)
+    assert (old.box_update, old.class_loss) == ("logit", "focal")

@@ -350,3 +350,69 @@ def test_batched_generalized_box_iou_equals_torchvision_per_image():
     batched = batched_generalized_box_iou(first, second)
     for image in range(3):
         torch.testing.assert_close(batched[image], generalized_box_iou(first[image], second[image]))
+
+
+def test_paired_box_iou_is_the_diagonal_of_torchvisions_box_iou():
+    from torchvision.ops import box_convert, box_iou
+
+    from modeling_dit_detection.loss_dit_detection import paired_box_iou
+
+    generator = torch.Generator().manual_seed(4)
+    first = box_convert(random_boxes(9, generator), "cxcywh", "xyxy")
+    second = box_convert(random_boxes(9, generator), "cxcywh", "xyxy")
+    second[0] = first[0]  # one perfect pair
+    torch.testing.assert_close(paired_box_iou(first, second), box_iou(first, second).diagonal())
+    assert paired_box_iou(first[:1], second[:1]).item() == pytest.approx(1.0)
+
+
+def test_iou_aware_class_loss_matches_lw_detrs_formula_per_logit():
+    """LW-DETR's IoU-aware BCE written out per logit in float64 Python: a matched (query, class) has the soft target
+    t = max(0.01, p^alpha * IoU^(1 - alpha)) with weights t and 1 - t; every other logit is a negative weighted p^gamma."""
+    from modeling_dit_detection.loss_dit_detection import paired_box_iou
+    from torchvision.ops import box_convert
+
+    generator = torch.Generator().manual_seed(5)
+    targets = random_targets([3, 0, 2], 4, generator)
+    logits = torch.randn(3, 6, 4, generator=generator)
+    pred_boxes = random_boxes(18, generator).view(3, 6, 4)
+    criterion = DiTDetectionCriterion(HungarianMatcher(), class_loss="iou_aware")
+    _, loss_dict = criterion([SetPredictions("", logits, pred_boxes)], targets)
+
+    indices = HungarianMatcher()(logits, pred_boxes, targets)
+    expected = 0.0
+    for image, ((rows, cols), target) in enumerate(zip(indices, targets)):
+        matched = {int(r): int(c) for r, c in zip(rows, cols)}
+        for query in range(6):
+            for label in range(4):
+                p = 1 / (1 + math.exp(-float(logits[image, query, label])))
+                t = None
+                if query in matched and int(target["class_labels"][matched[query]]) == label:
+                    corners = box_convert(torch.stack([pred_boxes[image, query], target["boxes"][matched[query]]]),
+                                          "cxcywh", "xyxy")
+                    iou = float(paired_box_iou(corners[:1], corners[1:]))
+                    t = max(0.01, p**ALPHA * iou ** (1 - ALPHA))
+                if t is None:
+                    expected += -(p**GAMMA) * math.log(1 - p)
+                else:
+                    expected += -t * math.log(p) - (1 - t) * math.log(1 - p)
+    assert loss_dict["loss_class"].item() == pytest.approx(expected / 5, rel=1e-5)
+
+
+def test_iou_aware_targets_rank_the_better_box_higher():
+    """Two queries with the same score, matched in two query groups to the same object: the one whose box fits better
+    is pushed up more (IoU-aware), while the focal loss pushes both the same."""
+    target = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    pred_boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.52, 0.5, 0.3, 0.2]]])
+    gradients = {}
+    for class_loss in ("focal", "iou_aware"):
+        logits = torch.zeros(1, 2, 2, requires_grad=True)
+        criterion = DiTDetectionCriterion(HungarianMatcher(), class_loss=class_loss)
+        criterion([SetPredictions("", logits, pred_boxes, num_groups=2)], target)[0].backward()
+        gradients[class_loss] = logits.grad[0, :, 1]
+    assert gradients["focal"][0] == pytest.approx(gradients["focal"][1].item())
+    assert gradients["iou_aware"][0] < gradients["iou_aware"][1] < 0  # descent raises both, the perfect box more
+
+
+def test_criterion_rejects_unknown_class_loss():
+    with pytest.raises(ValueError, match="class_loss"):
+        DiTDetectionCriterion(HungarianMatcher(), class_loss="softmax")

@@ -278,3 +278,22 @@ def test_noise_schedule_matches_diffusers_linear_ddpm():
 
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     torch.testing.assert_close(alphas_cumprod(tiny_config().backbone_config).float(), scheduler.alphas_cumprod, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["logit", "relative"])
+def test_update_boxes_without_a_correction_keeps_the_reference(mode):
+    from modeling_dit_detection.modeling_dit_detection import update_boxes
+
+    reference = torch.tensor([[0.3, 0.6, 0.1, 0.2], [0.5, 0.5, 0.4, 0.05]])
+    torch.testing.assert_close(update_boxes(reference, torch.zeros(2, 4), mode), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_relative_box_update_moves_in_units_of_the_box_and_scales_its_size():
+    from modeling_dit_detection.modeling_dit_detection import update_boxes
+
+    reference = torch.tensor([[0.3, 0.6, 0.1, 0.2]])
+    moved = update_boxes(reference, torch.tensor([[1.0, -0.5, math.log(2.0), 0.0]]), "relative")
+    torch.testing.assert_close(moved, torch.tensor([[0.4, 0.5, 0.2, 0.2]]))
+    # a huge size delta stays finite (capped), also in bf16
+    huge = update_boxes(reference.bfloat16(), torch.full((1, 4), 1e4).bfloat16(), "relative")
+    assert torch.isfinite(huge).all()
