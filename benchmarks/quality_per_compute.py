@@ -3,7 +3,7 @@ trained from scratch through the same data pipeline on the built-in "dense-small
 
     python benchmarks/quality_per_compute.py --work_dir outputs/quality-per-compute [--unit_cpu_minutes 6] \
         [--budgets 1,2,4] [--models ours,lwdetr] [--seeds 42] [--train_images 1000] [--eval_images 150] \
-        [--jobs 2] [--threads 1] [--json results.json]
+        [--jobs 2] [--threads 1] [--json results.json] [--ours_config '{"neck_blocks": 1}' --tag=-neck1]
 
 Data: `make_synthetic_detection_dataset(layout="dense-small")`: 256x256 images, 6-24 shapes of 10-40 px (5 classes)
 on cluttered backgrounds; `--train_images` for training, `--eval_images` each for validation (unused) and test.
@@ -22,7 +22,8 @@ loading included) on a throwaway copy of the model, then trains `budget x unit /
 both models spend the same training CPU-seconds; the table shows the CPU-seconds each training really used
 (`time.process_time()` around `Trainer.train`, all threads). Then the test split is scored with COCO mAP
 (`DetectionEvaluator`, the split's own records as ground truth). A finished run (its `result.json` with the same
-settings) is reused, so the script can be stopped and rerun.
+settings) is reused, so the script can be stopped and rerun. `--ours_config` (JSON of `DiTDetectionConfig` fields)
+measures a variant of ours, in run folders named with `--tag`; the LW-DETR runs are shared.
 """
 
 from __future__ import annotations

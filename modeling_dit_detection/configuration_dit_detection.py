@@ -65,6 +65,8 @@ class DiTDetectionConfig(PretrainedConfig):
         d_model (`int`): width of the neck, the decoder and the heads.
         pyramid_scales (`tuple[float]`): resolutions of the simple feature pyramid relative to the token grid (2.0 =
             twice as fine, 0.5 = half); ViTDet-style. Each must be 4, 2, 1, 0.5 or 0.25.
+        neck_blocks (`int`): residual convolution bottlenecks (`NeckBlock`) on every pyramid level after the simple
+            pyramid's linear projection (0 = none).
         num_queries (`int`): object queries used at inference.
         num_query_groups (`int`): training-only query groups (Group DETR); each is matched one-to-one on its own, which
             gives the decoder many positive samples per object. Inference uses the first group only.
@@ -98,6 +100,7 @@ class DiTDetectionConfig(PretrainedConfig):
         backbone_config: DiTBackboneConfig | dict | None = None,
         d_model: int = 256,
         pyramid_scales: tuple[float, ...] | list[float] = (2.0, 1.0, 0.5),
+        neck_blocks: int = 0,
         num_queries: int = 300,
         num_query_groups: int = 13,
         decoder_layers: int = 3,
@@ -132,6 +135,7 @@ class DiTDetectionConfig(PretrainedConfig):
         self.backbone_config = backbone_config
         self.d_model = d_model
         self.pyramid_scales = [float(s) for s in pyramid_scales]
+        self.neck_blocks = neck_blocks
         self.num_queries = num_queries
         self.num_query_groups = num_query_groups
         self.decoder_layers = decoder_layers
@@ -197,6 +201,8 @@ class DiTDetectionConfig(PretrainedConfig):
         if (self.d_model // self.decoder_attention_heads) % 2:
             raise ValueError(f"d_model / decoder_attention_heads = {self.d_model // self.decoder_attention_heads} "
                              "must be even (sin-cos box embedding).")
+        if isinstance(self.neck_blocks, bool) or not isinstance(self.neck_blocks, int) or self.neck_blocks < 0:
+            raise ValueError(f"neck_blocks must be an integer >= 0, got {self.neck_blocks!r}.")
         if not self.pyramid_scales:
             raise ValueError("pyramid_scales must name at least one level.")
         for scale in self.pyramid_scales:

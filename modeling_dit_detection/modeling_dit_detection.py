@@ -80,6 +80,23 @@ class LayerNorm2d(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class NeckBlock(nn.Module):
+    """A residual bottleneck of convolutions on one pyramid level, `[B, C, h, w]` -> `[B, C, h, w]`: 1x1 to C/2,
+    3x3, 1x1 back to C, with LayerNorm and GELU between. The simple pyramid's own layers are linear; these add
+    non-linear spatial mixing where small objects need it, at about 13 C^2 / 4 multiply-adds per pixel. The last
+    convolution starts at zero, so a new block is the identity."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        hidden = channels // 2
+        self.reduce = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), LayerNorm2d(hidden), nn.GELU())
+        self.mix = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), LayerNorm2d(hidden), nn.GELU())
+        self.expand = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.expand(self.mix(self.reduce(x)))
+
+
 class DiTDetectionNeck(nn.Module):
     """The backbone's feature maps (`[batch, hidden_size, h, w]` each, one per tapped stage) -> `len(pyramid_scales)`
     maps `[batch, d_model, h_l, w_l]`, finest first.
@@ -95,10 +112,11 @@ class DiTDetectionNeck(nn.Module):
         d_model = config.d_model
         self.tap_norms = nn.ModuleList(nn.LayerNorm(hidden, eps=1e-6) for _ in range(num_taps))
         self.fuse = nn.Linear(hidden * num_taps, d_model)
-        self.levels = nn.ModuleList(self._make_level(scale, d_model) for scale in config.pyramid_scales)
+        self.levels = nn.ModuleList(self._make_level(scale, d_model, config.neck_blocks)
+                                    for scale in config.pyramid_scales)
 
     @staticmethod
-    def _make_level(scale: float, channels: int) -> nn.Sequential:
+    def _make_level(scale: float, channels: int, num_blocks: int) -> nn.Sequential:
         if scale == 4.0:
             resample = [nn.ConvTranspose2d(channels, channels, 2, stride=2), LayerNorm2d(channels), nn.GELU(),
                         nn.ConvTranspose2d(channels, channels, 2, stride=2)]
@@ -112,6 +130,7 @@ class DiTDetectionNeck(nn.Module):
             *resample,
             nn.Conv2d(channels, channels, 1, bias=False), LayerNorm2d(channels),
             nn.Conv2d(channels, channels, 3, padding=1, bias=False), LayerNorm2d(channels),
+            *(NeckBlock(channels) for _ in range(num_blocks)),
         )
 
     def forward(self, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -268,8 +287,9 @@ class DiTDetectionModelOutput(ModelOutput):
     init_reference_points (`[batch, queries, 4]`): the boxes of the selected pyramid-token proposals that the first
         decoder layer refines.
     enc_outputs_class (`[batch, pyramid tokens, num_labels]`): every pyramid token scored as a proposal (logits).
-    enc_outputs_boxes (`[batch, pyramid tokens, 4]`): their boxes, cx, cy, w, h in 0..1 (after the sigmoid: where
-        Deformable DETR returns `enc_outputs_coord_logits` before it). The loss supervises every token (Deformable
+    enc_outputs_boxes (`[batch, pyramid tokens, 4]`): their boxes, cx, cy, w, h relative to the image (boxes, where
+        Deformable DETR returns `enc_outputs_coord_logits` before a sigmoid; with `box_update="relative"` a box may
+        reach past 0..1, which post-processing clips). The loss supervises every token (Deformable
         DETR's two-stage encoder loss), so the selection learns from all of them, not only the ones it picked.
     hidden_states (tuple of `[batch, tokens, hidden_size]`): the backbone's embedded tokens and every block's output
         (`num_hidden_layers + 1` entries), when `output_hidden_states=True`.
@@ -378,7 +398,10 @@ class DiTDetectionPreTrainedModel(PreTrainedModel):
 def _init_special_layer(owner: nn.Module, layer: nn.Module) -> None:
     """The initialisation `owner` wants for `layer`, if `layer` is one of its special layers (runs after the generic
     init of `layer`, so it overrides it)."""
-    if isinstance(owner, MultiScaleDeformableAttention):
+    if isinstance(owner, NeckBlock):
+        if layer is owner.expand:
+            _init_zero(layer)
+    elif isinstance(owner, MultiScaleDeformableAttention):
         if layer is owner.sampling_offsets:
             init.zeros_(layer.weight)
             init.copy_(layer.bias, _sampling_offset_grid(owner.n_heads, owner.n_levels, owner.n_points))

@@ -143,6 +143,15 @@ def test_quality_per_compute_models_are_matched():
     assert 0.8 < count(lwdetr) / count(ours) < 1.25
     with pytest.raises(ValueError, match="unknown model"):
         quality_per_compute.build_model("detr", id2label, list(range(5)))
+    _, variant = quality_per_compute.build_model("ours", id2label, list(range(5)), {"neck_blocks": 1})
+    assert variant.neck_blocks == 1 and variant.num_queries == config.num_queries
+
+
+@pytest.mark.parametrize("value", ["[1]", "{not json"])
+def test_quality_per_compute_rejects_an_ours_config_that_is_not_a_json_object(value, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        quality_per_compute.main(["--work_dir", str(tmp_path), "--ours_config", value])
+    assert "--ours_config" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow  # about a minute: four child processes train both models a few steps and score them

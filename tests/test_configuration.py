@@ -106,6 +106,7 @@ DETECTOR_ERRORS = [
     ({"dropout": 1.0}, r"dropout must lie in \[0, 1\)"),
     ({"focal_alpha": 0.0}, "focal_alpha must lie in"),
     ({"box_update": "sigmoid"}, "box_update must be one of"),
+    ({"neck_blocks": -1}, "neck_blocks must be an integer >= 0"),
     ({"class_loss": "softmax"}, "class_loss must be one of"),
     ({"giou_cost": -1.0}, "giou_cost must be >= 0"),
     ({"category_ids": [1, 1]}, "one distinct dataset id per label"),

@@ -297,3 +297,24 @@ def test_relative_box_update_moves_in_units_of_the_box_and_scales_its_size():
     # a huge size delta stays finite (capped), also in bf16
     huge = update_boxes(reference.bfloat16(), torch.full((1, 4), 1e4).bfloat16(), "relative")
     assert torch.isfinite(huge).all()
+
+
+def test_neck_blocks_start_as_the_identity_and_then_learn():
+    """A detector with `neck_blocks` has that many residual bottlenecks per pyramid level; new ones leave the pyramid
+    exactly as without them (their last convolution starts at zero), and they receive gradients."""
+    from modeling_dit_detection.modeling_dit_detection import NeckBlock
+
+    torch.manual_seed(0)
+    plain = DiTForObjectDetection(tiny_config())
+    torch.manual_seed(0)
+    with_blocks = DiTForObjectDetection(tiny_config(neck_blocks=2))
+    blocks = [m for m in with_blocks.model.neck.modules() if isinstance(m, NeckBlock)]
+    assert len(blocks) == 2 * len(with_blocks.config.pyramid_scales)
+    missing = with_blocks.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(".levels." in key for key in missing)
+    features = [torch.randn(2, 32, 16, 16) for _ in plain.config.backbone_config.out_indices]
+    for a, b in zip(plain.model.neck(features), with_blocks.model.neck(features)):
+        torch.testing.assert_close(a, b)
+    with_blocks.train()
+    with_blocks(torch.randn(2, 3, 64, 64), labels=random_labels(2, 3)).loss.backward()
+    assert all(block.expand.weight.grad.abs().sum() > 0 for block in blocks)
