@@ -257,7 +257,8 @@ def test_image_without_boxes_pushes_all_its_probabilities_down():
     assert loss_dict["loss_class"] > 0
 
 
-def test_bf16_autocast_with_degenerate_boxes_is_finite():
+@pytest.mark.parametrize("class_loss", ["focal", "iou_aware"])
+def test_bf16_autocast_with_degenerate_boxes_is_finite(class_loss):
     generator = torch.Generator().manual_seed(4)
     targets = random_targets([3, 1], 5, generator)
     logits = (torch.randn(2, 6, 5, generator=generator) * 30).bfloat16().requires_grad_()
@@ -267,7 +268,8 @@ def test_bf16_autocast_with_degenerate_boxes_is_finite():
     boxes = boxes.bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         indices = HungarianMatcher()(logits, boxes, targets, num_groups=2)
-        total, loss_dict = make_criterion()([SetPredictions("", logits, boxes, num_groups=2)], targets)
+        criterion = DiTDetectionCriterion(HungarianMatcher(), class_loss=class_loss)
+        total, loss_dict = criterion([SetPredictions("", logits, boxes, num_groups=2)], targets)
     for (rows, cols), n in zip(indices, (3, 1)):
         assert len(rows) == 2 * n and rows.min() >= 0 and rows.max() < 6
         assert sorted(cols.tolist()) == sorted(list(range(n)) * 2)

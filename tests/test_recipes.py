@@ -18,7 +18,8 @@ def saved_detector(tmp_path_factory):
 
 
 @pytest.mark.parametrize("overrides", [{"hidden_size": 64}, {"num_hidden_layers": 2}, {"decoder_layers": 3},
-                                       {"d_model": 64}, {"out_indices": [4]}, {"fold_conditioning": True}])
+                                       {"d_model": 64}, {"out_indices": [4]}, {"fold_conditioning": True},
+                                       {"neck_blocks": 1}, {"box_update": "logit"}])
 def test_overrides_that_would_reinitialise_a_saved_detector_are_refused(saved_detector, overrides):
     with pytest.raises(ValueError, match="would re-initialise or invalidate its trained weights"):
         load_detector(str(saved_detector), ID2LABEL, overrides=overrides)
@@ -27,9 +28,10 @@ def test_overrides_that_would_reinitialise_a_saved_detector_are_refused(saved_de
 def test_a_saved_detector_keeps_its_weights_under_harmless_overrides_and_new_classes(saved_detector):
     original = DiTForObjectDetection.from_pretrained(saved_detector)
     loaded = load_detector(str(saved_detector), ID2LABEL, overrides={"image_size": [32, 96], "out_indices": [1, 3],
-                                                                     "feature_timestep": 50})
+                                                                     "feature_timestep": 50, "class_loss": "focal"})
     assert loaded.pretrained_backbone and loaded.source_kind == "dit_detection"
     assert loaded.model.config.image_size == [32, 96] and loaded.model.config.backbone_config.out_indices == [1, 3]
+    assert loaded.model.config.class_loss == "focal"  # a training-only field: the weights stay
     for key, value in original.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[key], value, rtol=0, atol=0)
     # Other classes: new class heads (only those), the backbone and decoder as trained.
