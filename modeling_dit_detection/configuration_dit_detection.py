@@ -165,8 +165,9 @@ class DiTDetectionConfig(PretrainedConfig):
     def from_preset(cls, name: str, **overrides) -> DiTDetectionConfig:
         """A config from a preset: a DiT geometry (`"DiT-S/2"`, `"DiT-B/2"`, `"DiT-L/2"`, `"DiT-XL/2"`; the rest as
         DiT-XL/2-256, taps following the depth) or a whole small detector (`"tiny"`: pixel space, `"tiny-latent"`:
-        with a tiny VAE, `"small"`: run_detection.py's built-in model). `overrides` win; backbone fields (`BACKBONE_ARGUMENTS`, e.g. `image_size`, `out_indices`,
-        `feature_timestep`) go to the backbone config, the others to the detector."""
+        with a tiny VAE, `"small"`: run_detection.py's built-in model). `overrides` win; backbone fields
+        (`BACKBONE_ARGUMENTS`, e.g. `image_size`, `out_indices`, `feature_timestep`) go to the backbone config, the
+        others to the detector."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {list(PRESETS)}.")
         if "backbone_config" in overrides:

@@ -1,5 +1,5 @@
-"""Set-prediction loss of DETR-style detectors with sigmoid (focal) classification: label checks, Hungarian
-matching (with Group DETR query groups) and the criterion (focal classification + L1 + GIoU on every output).
+"""Set-prediction loss of DETR-style detectors with sigmoid classification: label checks, Hungarian matching (with
+Group DETR query groups) and the criterion (focal or IoU-aware classification + L1 + GIoU on every output).
 
 Boxes are `(cx, cy, w, h)` normalised to 0..1 by the image size everywhere; logits are raw, one per class, with no
 background class (sigmoid, not softmax).
@@ -200,7 +200,8 @@ def global_num_boxes(targets, device) -> torch.Tensor:
 
 
 class DiTDetectionCriterion(torch.nn.Module):
-    """Sigmoid focal classification + L1 + GIoU losses, after Hungarian matching, on every set of predictions."""
+    """Classification (`class_loss`: "focal", the sigmoid focal loss, or "iou_aware", LW-DETR's IoU-aware BCE) + L1 +
+    GIoU losses, after Hungarian matching, on every set of predictions."""
 
     def __init__(self, matcher: HungarianMatcher, class_loss_coefficient=2.0, bbox_loss_coefficient=5.0,
                  giou_loss_coefficient=2.0, focal_alpha=0.25, focal_gamma=2.0, class_loss="focal"):
@@ -277,7 +278,8 @@ class DiTDetectionCriterion(torch.nn.Module):
         Unmatched queries (and all queries of images without boxes) are negatives for every class."""
         one_hot = torch.zeros_like(logits)
         one_hot[positives] = 1.0
-        return sigmoid_focal_loss(logits, one_hot, self.focal_alpha, self.focal_gamma, reduction="none").flatten(1).sum(1)
+        loss = sigmoid_focal_loss(logits, one_hot, self.focal_alpha, self.focal_gamma, reduction="none")
+        return loss.flatten(1).sum(1)
 
     def _iou_aware_loss(self, logits, positives, iou) -> torch.Tensor:
         """LW-DETR's IoU-aware BCE summed per set `[S]`: a matched (query, class) aims at the soft target
