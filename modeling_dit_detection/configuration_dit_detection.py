@@ -80,9 +80,9 @@ class DiTDetectionConfig(PretrainedConfig):
         class_cost, bbox_cost, giou_cost: Hungarian matching costs (focal classification, L1, generalised IoU).
         class_loss_coefficient, bbox_loss_coefficient, giou_loss_coefficient: loss weights.
         focal_alpha, focal_gamma: sigmoid focal loss parameters (also used by the matching cost).
-        class_loss (`str`): `"iou_aware"` (default; LW-DETR's IoU-aware BCE: a matched query's target is
-            `prob**focal_alpha * IoU**(1 - focal_alpha)`, so scores rank boxes by how well they fit) or `"focal"`
-            (sigmoid focal loss, one-hot targets; what a config saved without this field gets).
+        class_loss (`str`): `"focal"` (sigmoid focal loss, one-hot targets) or `"iou_aware"` (LW-DETR's IoU-aware
+            BCE: a matched query's target is `prob**focal_alpha * IoU**(1 - focal_alpha)`, so scores rank boxes by how
+            well they fit; LW-DETR pairs it with `class_loss_coefficient=1`).
         initializer_range (`float`): std of the truncated normal init of new (head) weights.
         category_ids (`list[int]`, *optional*): the dataset's own id of each label (label i is category
             `category_ids[i]`, e.g. COCO's 1..90 with gaps), for outputs in the dataset's ids (COCO results). `None`:
@@ -112,12 +112,12 @@ class DiTDetectionConfig(PretrainedConfig):
         class_cost: float = 2.0,
         bbox_cost: float = 5.0,
         giou_cost: float = 2.0,
-        class_loss_coefficient: float = 1.0,
+        class_loss_coefficient: float = 2.0,
         bbox_loss_coefficient: float = 5.0,
         giou_loss_coefficient: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
-        class_loss: str | None = None,
+        class_loss: str = "focal",
         initializer_range: float = 0.02,
         category_ids: list[int] | None = None,
         **kwargs,
@@ -143,8 +143,8 @@ class DiTDetectionConfig(PretrainedConfig):
         self.decoder_ffn_dim = decoder_ffn_dim
         self.decoder_n_points = decoder_n_points
         self.dropout = dropout
-        # A config saved before these fields existed (read from a file: it carries `transformers_version`) keeps the
-        # behaviour its weights were trained with; new configs get the current defaults.
+        # A config saved before this field existed (read from a file: it carries `transformers_version`) keeps the
+        # box update its weights were trained with; new configs get the current default.
         saved = "transformers_version" in kwargs
         self.box_update = box_update or ("logit" if saved else "relative")
         self.class_cost = class_cost
@@ -155,7 +155,7 @@ class DiTDetectionConfig(PretrainedConfig):
         self.giou_loss_coefficient = giou_loss_coefficient
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
-        self.class_loss = class_loss or ("focal" if saved else "iou_aware")
+        self.class_loss = class_loss
         self.initializer_range = initializer_range
         self.category_ids = None if category_ids is None else [int(c) for c in category_ids]
         super().__init__(**kwargs)
