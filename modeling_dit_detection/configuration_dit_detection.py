@@ -74,9 +74,9 @@ class DiTDetectionConfig(PretrainedConfig):
             multi-scale deformable cross-attention (`decoder_n_points` sampling points per head and pyramid level)
             and iterative box refinement.
         box_update (`str`): how a predicted correction moves a reference box (decoder layers and proposals):
-            `"relative"` (default; LW-DETR's reparametrisation: the centre moves in units of the box's size, the size
-            is scaled by `exp(delta)`) or `"logit"` (Deformable DETR: added in inverse-sigmoid space; what a config
-            saved without this field gets).
+            `"logit"` (Deformable DETR: added in inverse-sigmoid space) or `"relative"` (LW-DETR's reparametrisation:
+            the centre moves in units of the box's size, the size is scaled by `exp(delta)`; better for small, dense
+            objects, slower to start where objects are large, README "Performance").
         class_cost, bbox_cost, giou_cost: Hungarian matching costs (focal classification, L1, generalised IoU).
         class_loss_coefficient, bbox_loss_coefficient, giou_loss_coefficient: loss weights.
         focal_alpha, focal_gamma: sigmoid focal loss parameters (also used by the matching cost).
@@ -108,7 +108,7 @@ class DiTDetectionConfig(PretrainedConfig):
         decoder_ffn_dim: int = 1024,
         decoder_n_points: int = 4,
         dropout: float = 0.0,
-        box_update: str | None = None,
+        box_update: str = "logit",
         class_cost: float = 2.0,
         bbox_cost: float = 5.0,
         giou_cost: float = 2.0,
@@ -143,10 +143,7 @@ class DiTDetectionConfig(PretrainedConfig):
         self.decoder_ffn_dim = decoder_ffn_dim
         self.decoder_n_points = decoder_n_points
         self.dropout = dropout
-        # A config saved before this field existed (read from a file: it carries `transformers_version`) keeps the
-        # box update its weights were trained with; new configs get the current default.
-        saved = "transformers_version" in kwargs
-        self.box_update = box_update or ("logit" if saved else "relative")
+        self.box_update = box_update
         self.class_cost = class_cost
         self.bbox_cost = bbox_cost
         self.giou_cost = giou_cost

@@ -147,15 +147,12 @@ def test_a_detector_saved_before_version_0_2_loads_with_identical_outputs(tmp_pa
     torch.testing.assert_close(again.logits, expected["logits"], rtol=0, atol=0)
 
 
-def test_configs_saved_without_box_update_keep_the_logit_update(tmp_path):
-    """New configs get the relative box update and keep it through save/load; a config saved before the field
-    existed (no such key in its file) reads as the logit update its weights were trained with."""
+def test_box_update_and_class_loss_defaults_and_round_trip(tmp_path):
+    """Defaults: the logit box update and the focal loss (weight 2), which every detector saved before these fields
+    existed was trained with; a chosen value survives save/load."""
     config = DiTDetectionConfig.from_preset("tiny", id2label={0: "a", 1: "b"})
-    assert (config.box_update, config.class_loss, config.class_loss_coefficient) == ("relative", "focal", 2.0)
-    config.save_pretrained(tmp_path)
-    assert DiTDetectionConfig.from_pretrained(tmp_path).box_update == "relative"
-
-    saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["box_update"]
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert DiTDetectionConfig.from_pretrained(tmp_path).box_update == "logit"
+    assert (config.box_update, config.class_loss, config.class_loss_coefficient) == ("logit", "focal", 2.0)
+    DiTDetectionConfig.from_preset("tiny", id2label={0: "a", 1: "b"}, box_update="relative",
+                                   class_loss="iou_aware").save_pretrained(tmp_path)
+    reloaded = DiTDetectionConfig.from_pretrained(tmp_path)
+    assert (reloaded.box_update, reloaded.class_loss) == ("relative", "iou_aware")

@@ -104,7 +104,7 @@ def test_card_metadata_and_results(small_job):
     assert f"| map_50 | {metrics['test_map_50']:.4f} |" in text
     assert "| circle |" in text  # per-class AP table
     assert "| learning_rate | 0.001 |" in text
-    assert "corrections relative to each box's size" in text and "sigmoid focal classification" in text
+    assert "corrections in logit space" in text and "sigmoid focal classification" in text
     assert "{{" not in text and "}}" not in text
 
 
