@@ -51,13 +51,14 @@ def measure(geometry: str, device: torch.device, repeats: int, steps: int) -> di
         scores[precision] = infer(model, pixels, bf16).logits.float().sigmoid()
         train_step(model, optimizer, pixels, labels, bf16)  # warm-up
     times = {f"{kind} {precision}": [] for kind in ("train", "infer_b8") for precision in PRECISIONS}
+    clock = process_clock(device)
     for repeat in range(repeats):
         for precision in (PRECISIONS if repeat % 2 == 0 else PRECISIONS[::-1]):
             bf16 = precision == "bfloat16"
             times[f"train {precision}"].append(seconds_per_call(
-                lambda: train_step(model, optimizer, pixels, labels, bf16), steps, device, process_clock(device)))
+                lambda: train_step(model, optimizer, pixels, labels, bf16), steps, device, clock))
             times[f"infer_b8 {precision}"].append(seconds_per_call(
-                lambda: infer(model, pixels, bf16), steps, device, process_clock(device)))
+                lambda: infer(model, pixels, bf16), steps, device, clock))
     return {"geometry": geometry, "times": times, "first_loss": first_loss,
             "max_score_difference": float((scores["float32"] - scores["bfloat16"]).abs().max())}
 

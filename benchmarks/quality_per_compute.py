@@ -98,7 +98,8 @@ def seconds_per_step(model, loader, steps: int) -> float:
 
 def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, out_dir: Path, threads: int,
             overrides: dict) -> dict:
-    """Train `model_name` for `budget_seconds` CPU-seconds (by calibrated step count), score the test split."""
+    """Train `model_name` for `budget_seconds` CPU-seconds (by calibrated step count), score the test split.
+    `overrides`: config fields of ours (`{}` for LW-DETR, which `launch` gives none)."""
     import datasets
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
@@ -117,7 +118,7 @@ def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, o
     torch.set_num_threads(threads)
     set_seed(seed)
     splits, id2label, category_ids = prepare_detection_dataset(datasets.load_from_disk(str(data_dir)))
-    model, config = build_model(model_name, id2label, category_ids, overrides if model_name == "ours" else None)
+    model, config = build_model(model_name, id2label, category_ids, overrides)
     processor = DiTDetectionImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                            size_divisor=config.backbone_stride)
     transform = DetectionTransform(processor, make_train_augmentation((IMAGE_SIZE, IMAGE_SIZE), "light"), seed=seed)
@@ -153,7 +154,7 @@ def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, o
             "parameters": sum(p.numel() for p in model.parameters()), "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "test_map": metrics["test_map"],
             "test_map_50": metrics["test_map_50"], "test_map_small": metrics["test_map_small"],
-            "threads": threads, "overrides": overrides if model_name == "ours" else {}}
+            "threads": threads, "overrides": overrides}
 
 
 def launch(model_name: str, budget: float, seed: int, args, data_dir: Path) -> dict:
@@ -181,8 +182,8 @@ def launch(model_name: str, budget: float, seed: int, args, data_dir: Path) -> d
     started = time.time()
     with open(out_dir / "run.log", "w") as log:
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
-    result = {**json.loads(result_file.read_text()), "model": f"{model_name}{tag}", "budget": budget, "wall_minutes": (time.time() - started) / 60,
-              "settings": settings}
+    result = {**json.loads(result_file.read_text()), "model": f"{model_name}{tag}", "budget": budget,
+              "wall_minutes": (time.time() - started) / 60, "settings": settings}
     result_file.write_text(json.dumps(result, indent=1))
     print(f"  done {out_dir.name}: {result['steps']} steps, test mAP {result['test_map']:.3f}", flush=True)
     return result
