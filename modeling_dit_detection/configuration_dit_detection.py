@@ -77,6 +77,9 @@ class DiTDetectionConfig(PretrainedConfig):
             `"logit"` (Deformable DETR: added in inverse-sigmoid space) or `"relative"` (LW-DETR's reparametrisation:
             the centre moves in units of the box's size, the size is scaled by `exp(delta)`; better for small, dense
             objects, slower to start where objects are large, README "Performance").
+        anchor_tokens (`float`, *optional*): side of the proposal anchor at each pyramid token, in tokens of its
+            level (so anchors keep their size relative to the features whatever the image size). `None`: a square of
+            0.05 x 2^level of the image (Deformable DETR's and LW-DETR's rule; detectors saved without this field).
         class_cost, bbox_cost, giou_cost: Hungarian matching costs (focal classification, L1, generalised IoU).
         class_loss_coefficient, bbox_loss_coefficient, giou_loss_coefficient: loss weights.
         focal_alpha, focal_gamma: sigmoid focal loss parameters (also used by the matching cost).
@@ -109,6 +112,7 @@ class DiTDetectionConfig(PretrainedConfig):
         decoder_n_points: int = 4,
         dropout: float = 0.0,
         box_update: str = "logit",
+        anchor_tokens: float | None = None,
         class_cost: float = 2.0,
         bbox_cost: float = 5.0,
         giou_cost: float = 2.0,
@@ -144,6 +148,7 @@ class DiTDetectionConfig(PretrainedConfig):
         self.decoder_n_points = decoder_n_points
         self.dropout = dropout
         self.box_update = box_update
+        self.anchor_tokens = None if anchor_tokens is None else float(anchor_tokens)
         self.class_cost = class_cost
         self.bbox_cost = bbox_cost
         self.giou_cost = giou_cost
@@ -210,6 +215,8 @@ class DiTDetectionConfig(PretrainedConfig):
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}.")
         if self.box_update not in BOX_UPDATES:
             raise ValueError(f"box_update must be one of {BOX_UPDATES}, got {self.box_update!r}.")
+        if self.anchor_tokens is not None and not self.anchor_tokens > 0:
+            raise ValueError(f"anchor_tokens must be > 0 (or None), got {self.anchor_tokens}.")
         if self.class_loss not in CLASS_LOSSES:
             raise ValueError(f"class_loss must be one of {CLASS_LOSSES}, got {self.class_loss!r}.")
         if not 0 < self.focal_alpha < 1 or self.focal_gamma < 0:

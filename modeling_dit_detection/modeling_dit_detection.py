@@ -465,7 +465,7 @@ class DiTDetectionModel(DiTDetectionPreTrainedModel):
     def score_tokens(self, memory: torch.Tensor, spatial_shapes: list[tuple[int, int]]):
         """Every pyramid token as an object proposal, a box around an anchor at the token:
         memory `[B, S, d]` -> (logits `[B, S, C]`, boxes `[B, S, 4]` cx, cy, w, h in 0..1)."""
-        anchors = _token_anchors(spatial_shapes, memory.device, memory.dtype)  # [S, 4]
+        anchors = _token_anchors(spatial_shapes, self.config.anchor_tokens, memory.device, memory.dtype)  # [S, 4]
         num_queries = self.config.num_queries
         if anchors.shape[0] < num_queries:
             raise ValueError(f"The input gives {anchors.shape[0]} pyramid tokens, fewer than num_queries="
@@ -506,14 +506,19 @@ class DiTDetectionModel(DiTDetectionPreTrainedModel):
         )
 
 
-def _token_anchors(spatial_shapes: list[tuple[int, int]], device, dtype) -> torch.Tensor:
-    """One anchor per pyramid token, `[S, 4]` cx, cy, w, h in 0..1: the token's centre, a square of 0.05 * 2^level."""
+def _token_anchors(spatial_shapes: list[tuple[int, int]], anchor_tokens: float | None, device,
+                   dtype) -> torch.Tensor:
+    """One anchor per pyramid token, `[S, 4]` cx, cy, w, h in 0..1: centred on the token, `anchor_tokens` tokens of
+    its level wide and high (`None`: a square of 0.05 * 2^level of the image)."""
     anchors = []
     for level, (height, width) in enumerate(spatial_shapes):
         cy, cx = torch.meshgrid((torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height,
                                 (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width, indexing="ij")
-        size = torch.full_like(cx, 0.05 * 2.0**level)
-        anchors.append(torch.stack([cx, cy, size, size], -1).flatten(0, 1))
+        if anchor_tokens is None:
+            w = h = torch.full_like(cx, 0.05 * 2.0**level)
+        else:
+            w, h = torch.full_like(cx, anchor_tokens / width), torch.full_like(cx, anchor_tokens / height)
+        anchors.append(torch.stack([cx, cy, w, h], -1).flatten(0, 1))
     return torch.cat(anchors).to(dtype)
 
 
