@@ -105,6 +105,7 @@ def test_card_metadata_and_results(small_job):
     assert "| circle |" in text  # per-class AP table
     assert "| learning_rate | 0.001 |" in text
     assert "corrections in logit space" in text and "sigmoid focal classification" in text
+    assert "proposal anchors 0.05 x 2^level of the image wide" in text
     assert "{{" not in text and "}}" not in text
 
 
@@ -157,6 +158,16 @@ def test_card_metadata_names_only_hub_ids(tmp_path):
     hub = render_model_card(tiny_config(), TrainingSummary(model_name="m", dataset_name="rishitdagli/cppe-5",
                                                            metrics=metrics, base_model="facebook/DiT-XL-2-256"), template)
     assert hub.data.base_model == "facebook/DiT-XL-2-256" and hub.data.datasets == ["rishitdagli/cppe-5"]
+
+
+def test_card_describes_the_box_update_and_anchors_of_its_config():
+    from modeling_dit_detection.training.model_card import TrainingSummary, render_model_card
+
+    summary = TrainingSummary(model_name="m", dataset_name="d", metrics={"test_map": 0.5})
+    card = render_model_card(tiny_config(box_update="relative", anchor_tokens=3.2, class_loss="iou_aware"), summary,
+                             ROOT / "model_cards" / "template.md")
+    assert "proposal anchors 3.2 tokens of their level wide" in card.text
+    assert "corrections relative to each box's size" in card.text and "IoU-aware sigmoid classification" in card.text
 
 
 def test_space_card_runs_the_demo_app():

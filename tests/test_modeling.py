@@ -299,6 +299,29 @@ def test_relative_box_update_moves_in_units_of_the_box_and_scales_its_size():
     assert torch.isfinite(huge).all()
 
 
+def test_proposal_anchors_sit_on_the_tokens_with_the_configured_size():
+    """Legacy anchors are 0.05 x 2^level of the image whatever the grid; `anchor_tokens` sizes them in tokens of their
+    level, per axis for a non-square grid."""
+    from modeling_dit_detection.modeling_dit_detection import _token_anchors
+
+    shapes = [(4, 8), (2, 4)]
+    legacy = _token_anchors(shapes, None, "cpu", torch.float32)
+    assert legacy.shape == (4 * 8 + 2 * 4, 4)
+    torch.testing.assert_close(legacy[0], torch.tensor([1 / 16, 1 / 8, 0.05, 0.05]))
+    torch.testing.assert_close(legacy[-1], torch.tensor([7 / 8, 3 / 4, 0.1, 0.1]))
+    sized = _token_anchors(shapes, 2.0, "cpu", torch.float32)
+    torch.testing.assert_close(sized[:, :2], legacy[:, :2])
+    torch.testing.assert_close(sized[0, 2:], torch.tensor([2 / 8, 2 / 4]))
+    torch.testing.assert_close(sized[-1, 2:], torch.tensor([2 / 4, 2 / 2]))
+    # the proposals start on them (zero-initialised box head), in either box update
+    for mode in ("logit", "relative"):
+        model = DiTForObjectDetection(tiny_config(anchor_tokens=2.0, box_update=mode)).eval()
+        with torch.no_grad():
+            boxes = model.model(torch.zeros(1, 3, 64, 64)).enc_outputs_boxes[0]
+        shapes = [(int(16 * s), int(16 * s)) for s in model.config.pyramid_scales]
+        torch.testing.assert_close(boxes, _token_anchors(shapes, 2.0, "cpu", torch.float32), atol=1e-5, rtol=1e-5)
+
+
 def test_neck_blocks_start_as_the_identity_and_then_learn():
     """A detector with `neck_blocks` has that many residual bottlenecks per pyramid level; new ones leave the pyramid
     exactly as without them (their last convolution starts at zero), and they receive gradients."""
