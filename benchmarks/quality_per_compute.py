@@ -3,15 +3,17 @@ trained from scratch through the same data pipeline on the built-in "dense-small
 
     python benchmarks/quality_per_compute.py --work_dir outputs/quality-per-compute [--unit_cpu_minutes 6] \
         [--budgets 1,2,4] [--models ours,lwdetr] [--seeds 42] [--train_images 1000] [--eval_images 150] \
-        [--jobs 2] [--threads 1] [--json results.json] [--ours_config '{"neck_blocks": 1}' --tag=-neck1]
+        [--jobs 2] [--threads 1] [--json results.json] [--ours_config '{"neck_blocks": 1}' --tag=-neck1] \
+        [--seconds_per_step '{"ours": 1.05, "lwdetr": 1.94}']
 
 Data: `make_synthetic_detection_dataset(layout="dense-small")`: 256x256 images, 6-24 shapes of 10-40 px (5 classes)
 on cluttered backgrounds; `--train_images` for training, `--eval_images` each for validation (unused) and test.
 Made once under `--work_dir/data` and shared by every run.
 
 Models (random weights, matched as in benchmarks/throughput.py): ours is the "small" preset (DiT hidden 64, depth 4,
-4 heads, taps 2 and 4, neck scales 2, 1, 0.5, 3-layer deformable decoder, 4 query groups) at 256x256 with pixel
-patches of 8 (32x32 tokens) and `NUM_QUERIES` queries (a dense image has up to 24 objects); LW-DETR is
+4 heads, taps 2 and 4, neck scales 2, 1, 0.5, 3-layer deformable decoder, 4 query groups, relative box update,
+anchors of 3.2 tokens) at 256x256 with pixel patches of 8 (32x32 tokens) and `NUM_QUERIES` queries (a dense image
+has up to 24 objects); LW-DETR is
 `throughput.lwdetr_config` of that config (the same ViT width, depth, heads, patch and taps, our decoder's sizes and
 query count). Both get the same training: `DetectionTransform` with the "light" augmentation, batch 8, AdamW lr 1e-3,
 weight decay 1e-4, 50 warm-up steps then cosine, gradient clipping 1.0 (the built-in job's settings), one process,
@@ -21,7 +23,11 @@ Budget: each (model, budget, seed) run is a child process. It first times `CALIB
 loading included) on a throwaway copy of the model, then trains `budget x unit / seconds per step` steps, so that
 both models spend the same training CPU-seconds; the table shows the CPU-seconds each training really used
 (`time.process_time()` around `Trainer.train`, all threads). Then the test split is scored with COCO mAP
-(`DetectionEvaluator`, the split's own records as ground truth). A finished run (its `result.json` with the same
+(`DetectionEvaluator`, the split's own records as ground truth). The calibration depends on the machine's load
+(two runs on two hyper-threaded cores slow each other), so runs from different sessions may get different step
+counts for one budget; `--seconds_per_step` (JSON, keyed by the table's model name, e.g. "ours-neck1", or by
+"ours" / "lwdetr") skips the calibration and fixes the steps, e.g. to a calibration from an idle machine (each
+result records its `calibrated_seconds_per_step`). A finished run (its `result.json` with the same
 settings) is reused, so the script can be stopped and rerun. `--ours_config` (JSON of `DiTDetectionConfig` fields)
 measures a variant of ours, in run folders named with `--tag`; the LW-DETR runs are shared.
 """
@@ -97,9 +103,10 @@ def seconds_per_step(model, loader, steps: int) -> float:
 
 
 def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, out_dir: Path, threads: int,
-            overrides: dict) -> dict:
-    """Train `model_name` for `budget_seconds` CPU-seconds (by calibrated step count), score the test split.
-    `overrides`: config fields of ours (`{}` for LW-DETR, which `launch` gives none)."""
+            overrides: dict, fixed_seconds_per_step: float | None = None) -> dict:
+    """Train `model_name` for `budget_seconds` CPU-seconds (by calibrated step count, or by
+    `fixed_seconds_per_step` where given), score the test split. `overrides`: config fields of ours (`{}` for
+    LW-DETR, which `launch` gives none)."""
     import datasets
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
@@ -126,7 +133,7 @@ def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, o
     test = splits["test"]
     loader = torch.utils.data.DataLoader(train, batch_size=BATCH_SIZE, shuffle=True, collate_fn=collate_fn,
                                          generator=torch.Generator().manual_seed(seed))
-    step_seconds = seconds_per_step(model, loader, CALIBRATION_STEPS)
+    step_seconds = fixed_seconds_per_step or seconds_per_step(model, loader, CALIBRATION_STEPS)
     steps = max(1, round(budget_seconds / step_seconds))
 
     evaluator = DetectionEvaluator(processor, id2label, category_ids=category_ids,
@@ -150,7 +157,8 @@ def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, o
     metrics = trainer.evaluate(test.with_transform(DetectionTransform(processor)), ignore_keys=ignore,
                                metric_key_prefix="test")
     return {"model": model_name, "seed": seed, "budget_cpu_seconds": budget_seconds, "steps": steps,
-            "calibrated_seconds_per_step": step_seconds, "train_cpu_seconds": train_cpu,
+            "calibrated_seconds_per_step": step_seconds, "calibrated": fixed_seconds_per_step is None,
+            "train_cpu_seconds": train_cpu,
             "parameters": sum(p.numel() for p in model.parameters()), "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "test_map": metrics["test_map"],
             "test_map_50": metrics["test_map_50"], "test_map_small": metrics["test_map_small"],
@@ -167,6 +175,10 @@ def launch(model_name: str, budget: float, seed: int, args, data_dir: Path) -> d
     settings = {"data": data_dir.name, "budget_cpu_seconds": budget_seconds, "threads": args.threads}
     if overrides:
         settings["overrides"] = overrides
+    fixed = json.loads(args.seconds_per_step)
+    fixed = fixed.get(f"{model_name}{tag}", fixed.get(model_name))
+    if fixed:
+        settings["seconds_per_step"] = fixed
     if result_file.exists():
         saved = json.loads(result_file.read_text())
         if saved.get("settings") == settings:
@@ -177,7 +189,8 @@ def launch(model_name: str, budget: float, seed: int, args, data_dir: Path) -> d
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, __file__, "--child", model_name, "--child_budget", str(budget_seconds),
                "--child_seed", str(seed), "--child_data", str(data_dir), "--child_out", str(out_dir),
-               "--threads", str(args.threads), "--ours_config", json.dumps(overrides)]
+               "--threads", str(args.threads), "--ours_config", json.dumps(overrides),
+               "--child_seconds_per_step", str(fixed or 0)]
     print(f"  start {out_dir.name} ({budget_seconds / 60:.0f} CPU-min)", flush=True)
     started = time.time()
     with open(out_dir / "run.log", "w") as log:
@@ -214,24 +227,34 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     parser.add_argument("--ours_config", default="{}",
                         help='JSON of DiTDetectionConfig fields that override ours, e.g. \'{"class_loss": "iou_aware"}\'')
     parser.add_argument("--tag", default="", help="suffix of ours' run folders (use one per --ours_config)")
+    parser.add_argument("--seconds_per_step", default="{}",
+                        help='JSON {model name: CPU-seconds per step} that fixes the steps instead of a calibration, '
+                             'e.g. \'{"ours": 1.05, "lwdetr": 1.94}\'')
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child_budget", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--child_seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child_data", help=argparse.SUPPRESS)
     parser.add_argument("--child_out", help=argparse.SUPPRESS)
+    parser.add_argument("--child_seconds_per_step", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         result = run_one(args.child, args.child_budget, args.child_seed, Path(args.child_data),
-                         Path(args.child_out), args.threads, json.loads(args.ours_config))
+                         Path(args.child_out), args.threads, json.loads(args.ours_config),
+                         args.child_seconds_per_step or None)
         (Path(args.child_out) / "result.json").write_text(json.dumps(result, indent=1))
         return None
 
-    try:
-        if not isinstance(json.loads(args.ours_config), dict):
-            raise ValueError("not a JSON object")
-    except ValueError as error:
-        parser.error(f"--ours_config: {error}")
+    for option in ("ours_config", "seconds_per_step"):
+        try:
+            value = json.loads(getattr(args, option))
+            if not isinstance(value, dict):
+                raise ValueError("not a JSON object")
+            if option == "seconds_per_step" and not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value.values()):
+                raise ValueError(f"every value must be a positive number of seconds, got {value}")
+        except ValueError as error:
+            parser.error(f"--{option}: {error}")
     models = args.models.split(",")
     for name in models:
         if name not in MODELS:

@@ -147,21 +147,28 @@ def test_quality_per_compute_models_are_matched():
     assert variant.neck_blocks == 1 and variant.num_queries == config.num_queries
 
 
-@pytest.mark.parametrize("value", ["[1]", "{not json"])
-def test_quality_per_compute_rejects_an_ours_config_that_is_not_a_json_object(value, tmp_path, capsys):
+@pytest.mark.parametrize("option, value", [("--ours_config", "[1]"), ("--ours_config", "{not json"),
+                                           ("--seconds_per_step", '{"ours": 0}'),
+                                           ("--seconds_per_step", '{"ours": "fast"}')])
+def test_quality_per_compute_rejects_bad_json_options(option, value, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        quality_per_compute.main(["--work_dir", str(tmp_path), "--ours_config", value])
-    assert "--ours_config" in capsys.readouterr().err and not any(tmp_path.iterdir())
+        quality_per_compute.main(["--work_dir", str(tmp_path), option, value])
+    assert option in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow  # about a minute: four child processes train both models a few steps and score them
 def test_quality_per_compute_end_to_end(tmp_path, capsys):
     argv = ["--work_dir", str(tmp_path), "--unit_cpu_minutes", "0.05", "--budgets", "1,2", "--train_images", "8",
-            "--eval_images", "4", "--jobs", "2", "--json", str(tmp_path / "results.json")]
+            "--eval_images", "4", "--jobs", "2", "--json", str(tmp_path / "results.json"),
+            "--seconds_per_step", '{"lwdetr": 1.5}']
     results = quality_per_compute.main(argv)
     assert sorted((r["model"], r["budget"]) for r in results) == [("lwdetr", 1), ("lwdetr", 2), ("ours", 1), ("ours", 2)]
     for result in results:
         assert result["steps"] >= 1 and result["train_cpu_seconds"] > 0 and 0 <= result["test_map"] <= 1
+        # LW-DETR's steps are fixed (3 s of budget per 1x / 1.5 s), ours calibrated
+        assert result["calibrated"] == (result["model"] == "ours")
+        if result["model"] == "lwdetr":
+            assert result["steps"] == 2 * result["budget"]
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 4
     again = quality_per_compute.main(argv)  # finished runs are reused, not retrained
