@@ -74,7 +74,10 @@ class DiTDetectionConfig(PretrainedConfig):
             gives the decoder many positive samples per object. Inference uses the first group only.
         decoder_layers, decoder_attention_heads, decoder_ffn_dim, decoder_n_points, dropout: DETR-style decoder with
             multi-scale deformable cross-attention (`decoder_n_points` sampling points per head and pyramid level)
-            and iterative box refinement.
+            and box refinement.
+        box_refinement (`str`): `"iterative"` (Deformable DETR: each decoder layer corrects the previous layer's
+            boxes and samples around them) or `"lite"` (LW-DETR: every layer samples around the selected proposals
+            and corrects them; one query position embedding for all layers).
         box_update (`str`): how a predicted correction moves a reference box (decoder layers and proposals):
             `"logit"` (Deformable DETR: added in inverse-sigmoid space) or `"relative"` (LW-DETR's reparametrisation:
             the centre moves in units of the box's size, the size is scaled by `exp(delta)`; the "small" preset uses
@@ -114,6 +117,7 @@ class DiTDetectionConfig(PretrainedConfig):
         decoder_ffn_dim: int = 1024,
         decoder_n_points: int = 4,
         dropout: float = 0.0,
+        box_refinement: str = "iterative",
         box_update: str = "logit",
         anchor_tokens: float | None = None,
         class_cost: float = 2.0,
@@ -150,6 +154,7 @@ class DiTDetectionConfig(PretrainedConfig):
         self.decoder_ffn_dim = decoder_ffn_dim
         self.decoder_n_points = decoder_n_points
         self.dropout = dropout
+        self.box_refinement = box_refinement
         self.box_update = box_update
         self.anchor_tokens = None if anchor_tokens is None else float(anchor_tokens)
         self.class_cost = class_cost
@@ -216,6 +221,8 @@ class DiTDetectionConfig(PretrainedConfig):
                 raise ValueError(f"pyramid_scales entries must be 4, 2, 1, 0.5 or 0.25, got {scale}.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}.")
+        if self.box_refinement not in ("iterative", "lite"):
+            raise ValueError(f"box_refinement must be 'iterative' or 'lite', got {self.box_refinement!r}.")
         if self.box_update not in BOX_UPDATES:
             raise ValueError(f"box_update must be one of {BOX_UPDATES}, got {self.box_update!r}.")
         if self.anchor_tokens is not None and not self.anchor_tokens > 0:

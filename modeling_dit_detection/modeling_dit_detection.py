@@ -244,14 +244,15 @@ class DiTDetectionDecoderLayer(nn.Module):
 
 
 class DiTDetectionDecoder(nn.Module):
-    """Decoder layers with iterative box refinement: layer `l` predicts a correction of its reference boxes
-    (`update_boxes`, `config.box_update`); the refined boxes (detached, as in Deformable DETR) are the next layer's
-    references."""
+    """Decoder layers with box refinement: layer `l` predicts a correction of its reference boxes (`update_boxes`,
+    `config.box_update`). `config.box_refinement="iterative"` (Deformable DETR): the refined boxes (detached) are the
+    next layer's references; `"lite"` (LW-DETR): every layer samples around and corrects the proposals' boxes."""
 
     def __init__(self, config: DiTDetectionConfig):
         super().__init__()
         self.d_model = config.d_model
         self.box_update = config.box_update
+        self.iterative = config.box_refinement == "iterative"
         self.layers = nn.ModuleList(DiTDetectionDecoderLayer(config) for _ in range(config.decoder_layers))
         self.query_pos_head = MLP(2 * config.d_model, config.d_model, config.d_model, 2)
         self.box_heads = nn.ModuleList(MLP(config.d_model, config.d_model, 4, 3) for _ in range(config.decoder_layers))
@@ -260,13 +261,16 @@ class DiTDetectionDecoder(nn.Module):
         """queries `[B, Q, d]`, reference_boxes `[B, Q, 4]` -> (hidden states `[B, L, Q, d]`, boxes `[B, L, Q, 4]`),
         stacked on dim 1 as in transformers' Deformable DETR, so every output's first axis is the batch."""
         hidden_states, all_hidden, all_boxes = queries, [], []
+        query_pos = None
         for layer, box_head in zip(self.layers, self.box_heads):
-            query_pos = self.query_pos_head(sine_box_embedding(reference_boxes, self.d_model))
+            if self.iterative or query_pos is None:
+                query_pos = self.query_pos_head(sine_box_embedding(reference_boxes, self.d_model))
             hidden_states = layer(hidden_states, query_pos, reference_boxes, memory, spatial_shapes, self_attn_mask)
             boxes = update_boxes(reference_boxes, box_head(hidden_states), self.box_update)
             all_hidden.append(hidden_states)
             all_boxes.append(boxes)
-            reference_boxes = boxes.detach()
+            if self.iterative:
+                reference_boxes = boxes.detach()
         return torch.stack(all_hidden, dim=1), torch.stack(all_boxes, dim=1)
 
 

@@ -108,6 +108,7 @@ DETECTOR_ERRORS = [
     ({"box_update": "sigmoid"}, "box_update must be one of"),
     ({"neck_blocks": -1}, "neck_blocks must be an integer >= 0"),
     ({"anchor_tokens": 0}, "anchor_tokens must be > 0"),
+    ({"box_refinement": "deep"}, "box_refinement must be 'iterative' or 'lite'"),
     ({"class_loss": "softmax"}, "class_loss must be one of"),
     ({"giou_cost": -1.0}, "giou_cost must be >= 0"),
     ({"category_ids": [1, 1]}, "one distinct dataset id per label"),
@@ -153,8 +154,9 @@ def test_box_update_and_class_loss_defaults_and_round_trip(tmp_path):
     existed was trained with; a chosen value survives save/load."""
     config = DiTDetectionConfig.from_preset("tiny", id2label={0: "a", 1: "b"})
     assert (config.box_update, config.class_loss, config.class_loss_coefficient) == ("logit", "focal", 2.0)
-    assert config.anchor_tokens is None
-    DiTDetectionConfig.from_preset("tiny", id2label={0: "a", 1: "b"}, box_update="relative",
-                                   class_loss="iou_aware", anchor_tokens=3).save_pretrained(tmp_path)
+    assert config.anchor_tokens is None and config.box_refinement == "iterative"
+    DiTDetectionConfig.from_preset("tiny", id2label={0: "a", 1: "b"}, box_update="relative", class_loss="iou_aware",
+                                   anchor_tokens=3, box_refinement="lite").save_pretrained(tmp_path)
     reloaded = DiTDetectionConfig.from_pretrained(tmp_path)
     assert (reloaded.box_update, reloaded.class_loss, reloaded.anchor_tokens) == ("relative", "iou_aware", 3.0)
+    assert reloaded.box_refinement == "lite"

@@ -164,9 +164,12 @@ def test_card_describes_the_box_update_and_anchors_of_its_config():
     from modeling_dit_detection.training.model_card import TrainingSummary, render_model_card
 
     summary = TrainingSummary(model_name="m", dataset_name="d", metrics={"test_map": 0.5})
-    card = render_model_card(tiny_config(box_update="relative", anchor_tokens=3.2, class_loss="iou_aware"), summary,
-                             ROOT / "model_cards" / "template.md")
+    card = render_model_card(tiny_config(box_update="relative", anchor_tokens=3.2, class_loss="iou_aware",
+                                         box_refinement="lite"), summary, ROOT / "model_cards" / "template.md")
     assert "proposal anchors 3.2 tokens of their level wide" in card.text
+    assert "box refinement of the selected proposals at every layer" in card.text
+    default_card = render_model_card(tiny_config(), summary, ROOT / "model_cards" / "template.md")
+    assert "iterative box refinement" in default_card.text
     assert "corrections relative to each box's size" in card.text and "IoU-aware sigmoid classification" in card.text
 
 

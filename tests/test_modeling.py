@@ -69,6 +69,23 @@ def test_training_runs_all_query_groups_but_returns_the_first():
     assert outputs.logits.shape[1] == config.num_queries
 
 
+def test_lite_refinement_corrects_the_proposals_at_every_layer():
+    """`box_refinement="lite"` (LW-DETR): every decoder layer samples around the selected proposals and its boxes are
+    a correction of them, not of the previous layer's boxes."""
+    from modeling_dit_detection.modeling_dit_detection import update_boxes
+
+    config = tiny_config(box_refinement="lite", decoder_layers=3)
+    model = DiTDetectionModel(config).eval()
+    for head in model.decoder.box_heads:  # non-zero corrections, so that iterative and lite would differ
+        torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+    with torch.no_grad():
+        outputs = model(torch.rand(1, 3, 64, 64) * 2 - 1)
+    hidden, boxes = outputs.intermediate_hidden_states, outputs.intermediate_reference_points
+    for layer, head in enumerate(model.decoder.box_heads):
+        expected = update_boxes(outputs.init_reference_points, head(hidden[:, layer]), config.box_update)
+        torch.testing.assert_close(boxes[:, layer], expected)
+
+
 def test_outputs_do_not_depend_on_the_rest_of_the_batch():
     model = DiTForObjectDetection(tiny_config("tiny-latent")).eval()
     images = torch.rand(3, 3, 32, 32) * 2 - 1

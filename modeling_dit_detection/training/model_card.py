@@ -89,6 +89,7 @@ def render_model_card(config: DiTDetectionConfig, summary: TrainingSummary, temp
         pyramid_scales=list(config.pyramid_scales),
         neck_blocks=config.neck_blocks,
         box_update=config.box_update,
+        box_refinement=config.box_refinement,
         anchor_tokens=config.anchor_tokens,
         class_loss=config.class_loss,
         num_queries=config.num_queries,

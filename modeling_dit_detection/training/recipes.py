@@ -177,11 +177,13 @@ def _same(a, b) -> bool:
 
 
 # Fields whose change alters parameter shapes or counts of a saved detector (the class heads follow id2label), or
-# what its trained weights mean (`box_update`, `anchor_tokens`: how its box heads' outputs become boxes).
+# what its trained weights mean (`box_update`, `anchor_tokens`, `box_refinement`: how its box heads' outputs become
+# boxes).
 WEIGHT_SHAPING_FIELDS = frozenset(BACKBONE_ARGUMENTS - {"image_size", "feature_timestep", "out_features", "out_indices",
                                                         "noise_seed", "initializer_range", "base_grid_size"}) | {
     "d_model", "pyramid_scales", "neck_blocks", "num_queries", "num_query_groups", "decoder_layers",
-    "decoder_attention_heads", "decoder_ffn_dim", "decoder_n_points", "box_update", "anchor_tokens"}
+    "decoder_attention_heads", "decoder_ffn_dim", "decoder_n_points", "box_update", "anchor_tokens",
+    "box_refinement"}
 # Every field a config override may set: the backbone's and the detector's.
 CONFIG_FIELDS = BACKBONE_ARGUMENTS | (frozenset(inspect.signature(DiTDetectionConfig.__init__).parameters)
                                       - {"self", "kwargs", "backbone_config"})
