@@ -47,9 +47,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # The built-in "small" detector's head and taps, for a detector built from a diffusers DiT (whose default head is the
 # 7 M-parameter one of DiT-XL/2).
-# The box update and anchors are pinned (in the random rows too) to those the README's rows were measured with, before
-# the "small" preset moved to the relative update with 3.2-token anchors.
-MEASURED_BOXES = {"box_update": "logit", "anchor_tokens": None}
+# The box update, anchors and refinement are pinned (in the random rows too) to those the README's rows were measured
+# with, before the "small" preset moved to the relative update, 3.2-token anchors and lite refinement.
+MEASURED_BOXES = {"box_update": "logit", "anchor_tokens": None, "box_refinement": "iterative"}
 SMALL_HEAD = {"d_model": 64, "num_queries": 20, "num_query_groups": 4, "decoder_layers": 3,
               "decoder_attention_heads": 4, "decoder_ffn_dim": 128, "decoder_n_points": 4, **MEASURED_BOXES}
 PRETRAINED_DEFAULTS = {"--out_indices": "2,4", "--feature_timestep": "0"}
