@@ -14,9 +14,10 @@ Models (random weights, matched as in benchmarks/throughput.py): ours is the "sm
 4 heads, taps 2 and 4, neck scales 2, 1, 0.5, 3-layer deformable decoder with lite box refinement, 4 query groups,
 relative box update, anchors of 3.2 tokens) at 256x256 with pixel patches of 8 (32x32 tokens) and `NUM_QUERIES`
 queries (a dense image has up to 24 objects); LW-DETR is `throughput.lwdetr_config` of that config (the same ViT
-width, depth, heads, patch and taps, our decoder's sizes and query count). Both get the same training: `DetectionTransform` with the "light" augmentation, batch 8, AdamW lr 1e-3,
-weight decay 1e-4, 50 warm-up steps then cosine, gradient clipping 1.0 (the built-in job's settings), one process,
-`--threads` threads, no dataloader workers.
+width, depth, heads, patch and taps, our decoder's sizes and query count). Both get the same training:
+`DetectionTransform` with the "light" augmentation, batch 8, AdamW lr 1e-3, weight decay 1e-4, 50 warm-up steps
+then cosine, gradient clipping 1.0 (the built-in job's settings), one process, `--threads` threads, no dataloader
+workers.
 
 Budget: each (model, budget, seed) run is a child process. It first times `CALIBRATION_STEPS` training steps (data
 loading included) on a throwaway copy of the model, then trains `budget x unit / seconds per step` steps, so that
