@@ -18,8 +18,8 @@ _TINY_HEAD = {"d_model": 32, "pyramid_scales": (2.0, 1.0, 0.5), "num_queries": 1
 # for tests and smoke runs, "small" (~670 k) the pixel-space DiT that run_detection.py trains from scratch on its
 # built-in data, with the relative box update and anchors of 3.2 tokens (at 256 x 256 with 8-pixel patches exactly
 # LW-DETR's 0.05 x 2^level of the image): measured better than the logit update on both built-in layouts; and with
-# LW-DETR's lite box refinement: as good on dense-small, better on the built-in job at three seeds, fewer ops. README
-# "What training compute buys".
+# LW-DETR's lite box refinement: as good as the iterative one on both layouts, with fewer ops. README "What training
+# compute buys".
 DETECTOR_PRESETS = {
     "tiny": {
         "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "patch_size": 4, "in_channels": 3,
