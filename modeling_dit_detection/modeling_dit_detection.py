@@ -2,8 +2,8 @@
 
 Data flow (see DESIGN.md): `DiTBackbone` (VAE latents, fixed noise, DiT blocks) -> the tapped stages' feature maps
 -> normalised, fused, simple feature pyramid -> every pyramid token scored as a proposal -> the best become the
-queries' reference boxes -> decoder with multi-scale deformable cross-attention and iterative box refinement ->
-class logits and boxes per layer.
+queries' reference boxes -> decoder with multi-scale deformable cross-attention and box refinement (iterative or
+lite) -> class logits and boxes per layer.
 """
 
 from __future__ import annotations
