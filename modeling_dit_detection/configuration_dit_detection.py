@@ -47,6 +47,7 @@ DETECTOR_PRESETS = {
     },
 }
 PRESETS = (*DIT_PRESETS, *DETECTOR_PRESETS)
+BOX_REFINEMENTS = ("iterative", "lite")
 BOX_UPDATES = ("logit", "relative")
 CLASS_LOSSES = ("focal", "iou_aware")
 
@@ -223,8 +224,8 @@ class DiTDetectionConfig(PretrainedConfig):
                 raise ValueError(f"pyramid_scales entries must be 4, 2, 1, 0.5 or 0.25, got {scale}.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}.")
-        if self.box_refinement not in ("iterative", "lite"):
-            raise ValueError(f"box_refinement must be 'iterative' or 'lite', got {self.box_refinement!r}.")
+        if self.box_refinement not in BOX_REFINEMENTS:
+            raise ValueError(f"box_refinement must be one of {BOX_REFINEMENTS}, got {self.box_refinement!r}.")
         if self.box_update not in BOX_UPDATES:
             raise ValueError(f"box_update must be one of {BOX_UPDATES}, got {self.box_update!r}.")
         if self.anchor_tokens is not None and not self.anchor_tokens > 0:

@@ -108,7 +108,7 @@ DETECTOR_ERRORS = [
     ({"box_update": "sigmoid"}, "box_update must be one of"),
     ({"neck_blocks": -1}, "neck_blocks must be an integer >= 0"),
     ({"anchor_tokens": 0}, "anchor_tokens must be > 0"),
-    ({"box_refinement": "deep"}, "box_refinement must be 'iterative' or 'lite'"),
+    ({"box_refinement": "deep"}, "box_refinement must be one of"),
     ({"class_loss": "softmax"}, "class_loss must be one of"),
     ({"giou_cost": -1.0}, "giou_cost must be >= 0"),
     ({"category_ids": [1, 1]}, "one distinct dataset id per label"),
