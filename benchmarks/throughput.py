@@ -1,7 +1,7 @@
 """Training and inference speed of our detector against transformers' LW-DETR and DETR at matched size, random weights.
 
     python benchmarks/throughput.py [--device cpu|cuda] [--repeats 5] [--warmup 2] [--steps 3] [--json out.json]
-                                    [--bf16] [--geometries small S] [--no-memory]
+                                    [--bf16] [--compile] [--geometries small S S-256 XL-256] [--no-memory]
 
 Rows per geometry: ours training everything ("full") and with the backbone frozen (`set_trainable`, stage one of
 run_detection.py); `LwDetrForObjectDetection` with our backbone's width, depth, heads, patch and taps and our
@@ -9,10 +9,15 @@ decoder's sizes; `DetrForObjectDetection` on our `DiTBackbone` (AutoBackbone). "
 detector (`from_preset("small")`, 64x64 pixels, ~670 k parameters). "S" is DiT-S/2's width 384 and 6 heads, depth 12
 with the default taps (6, 8, 9), of which the 9 blocks up to the deepest tap are built (as the converter does), on the
 same 64x64 pixels with pixel-space patches of 8: DiT-S/2's 32x32 latent grid is too slow on CPU, this grid of 8x8
-tokens trains a batch of 8 in under 1 s on 2 cores (0.4 to 1 s on a shared machine).
+tokens trains a batch of 8 in under 1 s on 2 cores (0.4 to 1 s on a shared machine). For a GPU: "S-256" is the same
+model and "XL-256" DiT-XL/2's width 1152 and 16 heads, depth 28 with taps (14, 18, 21) (21 blocks built), both on
+256x256 pixels with patches of 16, i.e. DiT's real 16x16 token grid at 256x256 (without the VAE); every geometry keeps
+the "small" preset's decoder (d_model 64, 20 queries, 4 groups), so the rows compare backbones and necks.
+`--compile` adds a row per geometry: ours (full) through `torch.compile` (default mode), timed after the warm-up
+steps that compile it (their seconds are printed).
 
-Forward GFLOPs per image are counted with `FlopCounterMode` (matmuls, convolutions, attention; not grid_sample or
-elementwise ops) and printed next to ours, so the match is visible. Training: forward with the loss on random boxes
+Forward GFLOPs per image are counted with `FlopCounterMode` (matmuls, convolutions, attention, with the attention
+formulas also applied to the CPU kernel, which the counter leaves out; not grid_sample or elementwise ops) and printed next to ours, so the match is visible. Training: forward with the loss on random boxes
 (0 to 4 per image), backward, AdamW step, batch 8. Inference: eval mode, no_grad, batch 1 and 8. Memory: each row
 alone in a child process, the training peak above what a first step leaves (activations and gradients). MFU: counted
 FLOPs of a training step (forward + backward) or of a forward per second, over the matmul peak measured in the run.
@@ -36,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import DetrConfig, DetrForObjectDetection, LwDetrConfig, LwDetrForObjectDetection, LwDetrViTConfig
 
 from matcher_share import random_labels
@@ -47,17 +52,25 @@ from modeling_dit_detection.training.stages import set_trainable
 NUM_LABELS = 5
 TRAIN_BATCH = 8
 S_TAPS = default_out_indices(12)  # (6, 8, 9): DiT-S/2's depth, default taps
-# Backbone overrides of the "small" preset per geometry.
+XL_TAPS = default_out_indices(28)  # (14, 18, 21): DiT-XL/2's
+# Backbone overrides of the "small" preset per geometry. The 256x256 ones (for a GPU) have DiT's real token grid at
+# 256x256, 16x16 tokens (pixel patches of 16 where DiT has the VAE's 8x latent and patches of 2).
 GEOMETRIES = {
     "small": {},
     "S": {"hidden_size": 384, "num_hidden_layers": S_TAPS[-1], "num_attention_heads": 6, "patch_size": 8,
           "out_indices": S_TAPS},
+    "S-256": {"hidden_size": 384, "num_hidden_layers": S_TAPS[-1], "num_attention_heads": 6, "patch_size": 16,
+              "out_indices": S_TAPS, "image_size": [256, 256]},
+    "XL-256": {"hidden_size": 1152, "num_hidden_layers": XL_TAPS[-1], "num_attention_heads": 16, "patch_size": 16,
+               "out_indices": XL_TAPS, "image_size": [256, 256]},
 }
-# Peer sizes that bring their forward FLOPs to within ~12 % of ours in both geometries (the table prints the ratio):
+CPU_GEOMETRIES = ["small", "S"]
+# Peer sizes that bring their forward FLOPs to within ~11 % of ours in every geometry (the table prints the ratio):
 # LW-DETR's projector runs a C2f block of this many 3x3-conv pairs per pyramid level (LW-DETR: 3), and DETR this many
-# encoder layers over its one map (DETR: 6), where ours builds a three-level pyramid.
+# encoder layers over its one map (DETR: 6), where ours builds a three-level pyramid. The small geometry's map has
+# 16x16 tokens, whose attention makes DETR's encoder layers dearer there than over the 8x8 of "S".
 LWDETR_C2F_BLOCKS = 2
-DETR_ENCODER_LAYERS = 10
+DETR_ENCODER_LAYERS = {"small": 5, "S": 10, "S-256": 10, "XL-256": 10}
 
 
 @dataclass
@@ -67,6 +80,7 @@ class RowSpec:
     build: Callable[[], torch.nn.Module]
     note: str = ""
     reference: bool = False  # the row the others of its geometry are compared with
+    compiled: bool = False  # timed through torch.compile (default mode); FLOPs are counted on the eager model
 
 
 @dataclass
@@ -76,6 +90,7 @@ class Row:
     optimizer: torch.optim.Optimizer
     counts: dict
     times: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "infer_b1": [], "infer_b8": []})
+    warmup_seconds: dict[str, float] = field(default_factory=dict)  # includes torch.compile's compilation
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -107,14 +122,14 @@ def lwdetr_config(config: DiTDetectionConfig) -> LwDetrConfig:
                         num_queries=config.num_queries, group_detr=config.num_query_groups, id2label=config.id2label)
 
 
-def detr_config(config: DiTDetectionConfig) -> DetrConfig:
+def detr_config(config: DiTDetectionConfig, encoder_layers: int) -> DetrConfig:
     """DETR on our DiT backbone (AutoBackbone), tapped at our deepest stage, with our decoder's sizes,
-    `DETR_ENCODER_LAYERS` encoder layers of our decoder's width over that map, a loss on every decoder layer and no
+    `encoder_layers` encoder layers of our decoder's width over that map, a loss on every decoder layer and no
     dropout, as ours."""
     fields = {name: getattr(config.backbone_config, name) for name in BACKBONE_ARGUMENTS - {"out_features"}}
     backbone = DiTBackboneConfig(**{**fields, "out_indices": [max(config.backbone_config.out_indices)]})
     return DetrConfig(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
-                      d_model=config.d_model, encoder_layers=DETR_ENCODER_LAYERS,
+                      d_model=config.d_model, encoder_layers=encoder_layers,
                       encoder_ffn_dim=config.decoder_ffn_dim, encoder_attention_heads=config.decoder_attention_heads,
                       decoder_layers=config.decoder_layers,
                       decoder_ffn_dim=config.decoder_ffn_dim, decoder_attention_heads=config.decoder_attention_heads,
@@ -127,17 +142,21 @@ def ours(config: DiTDetectionConfig, train_backbone: bool) -> DiTForObjectDetect
     return model
 
 
-def row_specs(geometries: list[str]) -> list[RowSpec]:
+def row_specs(geometries: list[str], compile_ours: bool = False) -> list[RowSpec]:
     specs = []
     for geometry in geometries:
         config = our_config(geometry)
         specs += [
             RowSpec(f"ours {geometry}, full", geometry, lambda c=config: ours(c, True), reference=True),
+            *([RowSpec(f"ours {geometry}, full, torch.compile", geometry, lambda c=config: ours(c, True),
+                       "torch.compile(model), default mode; the loss's matcher (scipy) and box losses break the graph",
+                       compiled=True)] if compile_ours else []),
             RowSpec(f"ours {geometry}, frozen backbone", geometry, lambda c=config: ours(c, False)),
             RowSpec(f"LW-DETR {geometry}", geometry, lambda c=config: LwDetrForObjectDetection(lwdetr_config(c)),
                     f"C2f blocks {LWDETR_C2F_BLOCKS}, no windowed attention"),
-            RowSpec(f"DETR + DiT {geometry}", geometry, lambda c=config: DetrForObjectDetection(detr_config(c)),
-                    f"one tap (the deepest), {DETR_ENCODER_LAYERS} encoder layers, no query groups"),
+            RowSpec(f"DETR + DiT {geometry}", geometry,
+                    lambda c=config, n=DETR_ENCODER_LAYERS[geometry]: DetrForObjectDetection(detr_config(c, n)),
+                    f"one tap (the deepest), {DETR_ENCODER_LAYERS[geometry]} encoder layers, no query groups"),
         ]
     return specs
 
@@ -188,11 +207,26 @@ def infer(model, pixels, bf16: bool = False):
         return model(pixel_values=pixels)
 
 
+# FlopCounterMode has formulas for the GPU attention kernels (flash, memory-efficient, cuDNN) but not for the CPU one
+# that `scaled_dot_product_attention` dispatches to, which it would count as 0: the same formulas, for it.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad_out, query, key, value, *args, out_shape=None, **kwargs:
+            sdpa_backward_flop_count(grad_out, query, key, value),
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+
+
 def forward_flops(model, pixels) -> float:
     """FLOPs of one eval-mode forward per image. Counted with gradients enabled: FlopCounterMode's module tracker
     fails under no_grad."""
     model.eval()
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         model(pixel_values=pixels)
     return counter.get_total_flops() / pixels.shape[0]
 
@@ -201,7 +235,7 @@ def train_flops(model, pixels, labels) -> float:
     """FLOPs of one training forward with the loss and its backward per image (no optimizer step, gradients
     dropped)."""
     model.train()
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         model(pixel_values=pixels, labels=labels).loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / pixels.shape[0]
@@ -265,8 +299,10 @@ def training_memory(spec: RowSpec, device: torch.device, bf16: bool, steps: int 
     """Peak memory of `steps` training steps at batch 8 above what a first step at batch 1 leaves behind (the
     weights, AdamW's states, lazily loaded libraries and kernels): activations, gradients and their workspace."""
     torch.manual_seed(0)
-    model = spec.build().to(device)
-    optimizer = make_optimizer(model)
+    with device:
+        eager = spec.build().to(device)
+    optimizer = make_optimizer(eager)
+    model = torch.compile(eager) if spec.compiled else eager
     pixels, labels = make_batch(spec.geometry, TRAIN_BATCH, device)
     train_step(model, optimizer, pixels[:1], labels[:1], bf16)
     if device.type == "cuda":
@@ -288,8 +324,9 @@ def training_memory(spec: RowSpec, device: torch.device, bf16: bool, steps: int 
 
 
 def child_memory(index: int, args) -> dict:
-    command = [sys.executable, __file__, "--child-memory", str(index), "--device", args.device,
-               "--geometries", *args.geometries] + (["--bf16"] if args.bf16 else [])
+    command = ([sys.executable, __file__, "--child-memory", str(index), "--device", args.device,
+                "--geometries", *args.geometries] + (["--bf16"] if args.bf16 else [])
+               + (["--compile"] if args.compile else []))
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
         return {"bytes": None, "method": "failed: " + (result.stderr.strip().splitlines() or ["?"])[-1]}
@@ -315,8 +352,13 @@ def build_rows(specs: list[RowSpec], device: torch.device) -> tuple[list[Row], l
     for spec in specs:
         try:
             torch.manual_seed(0)
-            model = spec.build().to(device)
-            rows.append(Row(spec, model, make_optimizer(model), counts(model, spec.geometry, device)))
+            with device:  # initialised where it runs: a 500 M-parameter model inits in seconds on a GPU
+                model = spec.build().to(device)
+            row_counts = counts(model, spec.geometry, device)
+            optimizer = make_optimizer(model)
+            rows.append(Row(spec, torch.compile(model) if spec.compiled else model, optimizer, row_counts))
+            print(f"built {spec.name}: {row_counts['parameters'] / 1e6:.1f} M parameters, "
+                  f"{row_counts['forward_flops_per_image'] / 1e9:.2f} forward GFLOP per image", flush=True)
         except Exception as error:  # a peer that transformers cannot configure is reported, not faked
             skipped.append((spec.name, f"{type(error).__name__}: {error}"))
     return rows, skipped
@@ -337,14 +379,18 @@ def measure(rows: list[Row], device: torch.device, args) -> list[tuple[str, str]
             for row in list(rows):
                 pixels, labels = batches[row.spec.geometry]
                 call = functools.partial(step, row, pixels, labels)
+                calls = args.warmup if repeat < 0 else args.steps
                 try:
-                    seconds = seconds_per_call(call, args.warmup if repeat < 0 else args.steps, device)
+                    seconds = seconds_per_call(call, calls, device)
                 except Exception as error:
                     rows.remove(row)
                     failed.append((row.spec.name, f"{kind} failed: {type(error).__name__}: {error}"))
                     continue
                 if repeat >= 0:
                     row.times[kind].append(seconds)
+                else:
+                    row.warmup_seconds[kind] = seconds * calls
+        print(f"round {repeat + 1} of {args.repeats} done" if repeat >= 0 else "warm-up done", flush=True)
     return failed
 
 
@@ -359,8 +405,10 @@ def summarize(row: Row, peak: float) -> dict:
     images_per_second = TRAIN_BATCH / statistics.median(row.times["train"])
     return {
         "name": row.spec.name, "geometry": row.spec.geometry, "note": row.spec.note, "reference": row.spec.reference,
+        "compiled": row.spec.compiled,
         **row.counts, "train_step_seconds": row.times["train"], "infer_b1_seconds": row.times["infer_b1"],
-        "infer_b8_seconds": row.times["infer_b8"], "train_images_per_second": images_per_second,
+        "infer_b8_seconds": row.times["infer_b8"], "warmup_seconds": row.warmup_seconds,
+        "train_images_per_second": images_per_second,
         "mfu_train": row.counts["train_flops_per_image"] * images_per_second / peak,
         "mfu_infer_b8": row.counts["forward_flops_per_image"] * TRAIN_BATCH / statistics.median(row.times["infer_b8"])
         / peak,
@@ -421,15 +469,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2, help="steps of each kind per row before the first round")
     parser.add_argument("--steps", type=int, default=3, help="steps per row and round")
-    parser.add_argument("--geometries", nargs="+", choices=list(GEOMETRIES), default=list(GEOMETRIES))
+    parser.add_argument("--geometries", nargs="+", choices=list(GEOMETRIES), default=CPU_GEOMETRIES,
+                        help="the 256x256 ones are sized for a GPU")
     parser.add_argument("--bf16", action="store_true", help="forward under torch.autocast(bfloat16)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a row per geometry: ours (full) through torch.compile, timed after its compilation")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                         help="measure training peak memory, each row in a child process")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child-memory", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
-    specs = row_specs(args.geometries)
+    specs = row_specs(args.geometries, args.compile)
     if args.child_memory is not None:
         print(json.dumps(training_memory(specs[args.child_memory], device, args.bf16)))
         return
@@ -456,6 +507,10 @@ def main() -> None:
     for result in results:
         if result["note"]:
             print(f"- {result['name']}: {result['note']}")
+    for result in results:
+        if result["compiled"]:
+            warmup = ", ".join(f"{kind} {seconds:.1f} s" for kind, seconds in result["warmup_seconds"].items())
+            print(f"- {result['name']}: warm-up ({args.warmup} steps of each kind, compilation included): {warmup}")
     if results and args.memory:
         methods = "; ".join(sorted({r["peak_memory_method"] for r in results}))
         print(f"- train mem: each row alone in a child process, peak of 2 training steps at batch {TRAIN_BATCH} above "

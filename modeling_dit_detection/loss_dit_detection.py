@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -108,15 +109,20 @@ class HungarianMatcher:
             return [(empty, empty) for _ in range(sets * len(targets))]
         cost = self.cost_matrices(logits, pred_boxes, targets).cpu().numpy().reshape(sets, len(targets), queries, -1)
         group_size = queries // num_groups
+        # The bookkeeping stays in numpy, one tensor per image at the end: on a GPU the step is short enough that
+        # per-group tensor ops here were a visible share of it.
+        group_starts = np.arange(0, queries, group_size)
         indices = []
         for set_costs in cost:
             for image, size in enumerate(sizes):
-                rows, cols = [empty], [empty]
-                for start in range(0, queries if size else 0, group_size):
-                    row, col = linear_sum_assignment(set_costs[image, start:start + group_size, :size])
-                    rows.append(torch.as_tensor(row, dtype=torch.int64) + start)
-                    cols.append(torch.as_tensor(col, dtype=torch.int64))
-                indices.append((torch.cat(rows), torch.cat(cols)))
+                if size == 0:
+                    indices.append((empty, empty))
+                    continue
+                groups = set_costs[image, :, :size].reshape(num_groups, group_size, size)
+                rows, cols = zip(*(linear_sum_assignment(group) for group in groups))
+                offsets = np.repeat(group_starts, min(size, group_size))
+                indices.append((torch.from_numpy(np.concatenate(rows).astype(np.int64) + offsets),
+                                torch.from_numpy(np.concatenate(cols).astype(np.int64))))
         return indices
 
     def cost_matrices(self, logits, pred_boxes, targets) -> torch.Tensor:
@@ -126,13 +132,17 @@ class HungarianMatcher:
         sees a non-finite number."""
         device = logits.device
         max_targets = max(len(t["boxes"]) for t in targets)
-        target_ids = torch.zeros(len(targets), max_targets, dtype=torch.int64, device=device)
-        target_boxes = torch.full((len(targets), max_targets, 4), 0.5, device=device)  # padding: any valid box
-        for image, target in enumerate(targets):
-            count = len(target["boxes"])
-            target_ids[image, :count] = target["class_labels"].to(device)
-            target_boxes[image, :count] = target["boxes"].to(device, torch.float32)
-        target_boxes = target_boxes.expand(*pred_boxes.shape[:-2], -1, -1)
+        # Padded per image, filled with one copy each (not one per image: each is a kernel launch on a GPU) at slots
+        # computed on the CPU (a boolean mask on the GPU would wait for the device).
+        slots = torch.arange(len(targets) * max_targets).view(len(targets), max_targets)
+        slots = slots[slots % max_targets < torch.tensor([len(t["boxes"]) for t in targets])[:, None]]
+        slots = slots.to(device, non_blocking=True)
+        target_ids = torch.zeros(len(targets) * max_targets, dtype=torch.int64, device=device)
+        target_ids[slots] = torch.cat([t["class_labels"] for t in targets]).to(device, torch.int64)
+        target_boxes = torch.full((len(targets) * max_targets, 4), 0.5, device=device)  # padding: any valid box
+        target_boxes[slots] = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32)
+        target_ids = target_ids.view(len(targets), max_targets)
+        target_boxes = target_boxes.view(len(targets), max_targets, 4).expand(*pred_boxes.shape[:-2], -1, -1)
         # float32 without autocast: bf16/fp16 focal logs and GIoU divisions are what produce NaN costs.
         with torch.autocast(device_type=device.type, enabled=False):
             prob = logits.float().sigmoid()  # [..., B, Q, C]

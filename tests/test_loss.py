@@ -161,6 +161,20 @@ def test_matcher_groups_match_every_target_once_per_group():
         HungarianMatcher()(logits[:, :7], pred_boxes[:, :7], targets, num_groups=2)
 
 
+def test_matcher_groups_with_more_targets_than_queries_match_every_query():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 8, 5, generator=generator)
+    pred_boxes = random_boxes(8, generator).view(1, 8, 4)
+    targets = random_targets([6], 5, generator)
+    (rows, cols), = HungarianMatcher()(logits, pred_boxes, targets, num_groups=2)
+    assert sorted(rows.tolist()) == list(range(8))  # 4 queries per group, each matched
+    for group in (rows < 4, rows >= 4):
+        assert len(set(cols[group].tolist())) == 4
+    (rows2, cols2), = HungarianMatcher()(logits[:, 4:], pred_boxes[:, 4:], targets)
+    assert sorted(zip((rows[rows >= 4] - 4).tolist(), cols[rows >= 4].tolist())) == sorted(zip(rows2.tolist(),
+                                                                                            cols2.tolist()))
+
+
 # ---------------------------------------------------------------------------------------------- criterion
 
 
