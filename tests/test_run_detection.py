@@ -509,6 +509,28 @@ def test_default_job_as_the_readme_runs_it(tmp_path):
     assert low <= float(match.group(1)) <= high
 
 
+@pytest.mark.slow
+def test_torch_compile_trains_both_stages_and_saves_plain_weights(tmp_path):
+    """`--torch_compile true` (the Trainer compiles the model, loss included; the scipy matcher breaks the graph):
+    both stages train and move the backbone only in stage two, evaluation runs, and the saved weights carry no
+    compile wrapper's prefix and load into a plain model. Minutes of compilation on a CPU."""
+    from safetensors.torch import load_file
+
+    recorder = StageRecorder()
+    output_dir = tmp_path / "compiled"
+    metrics = _run([*SMALL_JOB, "--torch_compile", "true", "--report_to", "none", "--output_dir", str(output_dir)],
+                   callbacks=[recorder])
+    stage1, stage2 = recorder.runs
+    assert (stage1["stage"], stage2["stage"]) == ("stage1", "stage2")
+    assert stage1["head_changed"] and not any(stage1["backbone_changed"].values())
+    assert stage2["head_changed"] and any(stage2["backbone_changed"].values())
+    assert "test_map" in metrics and "eval_map" in metrics
+    saved = load_file(output_dir / "model.safetensors")
+    assert not [key for key in saved if "_orig_mod" in key]
+    model = DiTForObjectDetection.from_pretrained(output_dir)
+    assert all(torch.equal(saved[key], value) for key, value in model.state_dict().items() if key in saved)
+
+
 def _free_port() -> int:
     import socket
 
