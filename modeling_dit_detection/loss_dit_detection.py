@@ -256,8 +256,10 @@ class DiTDetectionCriterion(torch.nn.Module):
             pred_boxes = torch.stack([prediction.pred_boxes for prediction in stack]).float()
             sets, batch = logits.shape[:2]
             indices = self.matcher(logits, pred_boxes, targets, stack[0].num_groups)  # per (set, image)
-            set_idx = torch.cat([torch.full_like(q, k // batch) for k, (q, _) in enumerate(indices)]).to(device)
-            image_idx = torch.cat([torch.full_like(q, k % batch) for k, (q, _) in enumerate(indices)]).to(device)
+            matched = torch.tensor([len(q) for q, _ in indices])  # per (set, image), in that order
+            pair = torch.arange(len(indices))
+            set_idx = (pair // batch).repeat_interleave(matched).to(device)
+            image_idx = (pair % batch).repeat_interleave(matched).to(device)
             query_idx = torch.cat([q for q, _ in indices]).to(device)
             target_idx = torch.cat([j for _, j in indices]).to(device)
             # The targets of all images in one row each: offsets turn (image, target) into a row.
