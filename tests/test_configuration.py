@@ -125,6 +125,9 @@ def test_detector_config_errors(fields, message):
         DiTDetectionConfig(**fields)
 
 
+ACROSS_MACHINES = {"rtol": 1e-5, "atol": 1e-6}
+
+
 def test_a_detector_saved_before_version_0_2_loads_with_identical_outputs(tmp_path):
     stored = json.loads((LEGACY_DETECTOR / "config.json").read_text())
     assert "backbone_config" not in stored and stored["out_indices"] == [1, 3]  # blocks, flat: the old format
@@ -133,8 +136,10 @@ def test_a_detector_saved_before_version_0_2_loads_with_identical_outputs(tmp_pa
     expected = torch.load(LEGACY_DETECTOR / "expected_outputs.pt")
     with torch.no_grad():
         outputs = model(expected["pixel_values"])
-    torch.testing.assert_close(outputs.logits, expected["logits"], rtol=0, atol=0)
-    torch.testing.assert_close(outputs.pred_boxes, expected["pred_boxes"], rtol=0, atol=0)
+    # The stored outputs were computed on another CPU: its matmul kernels round differently (4e-8 seen on an AMD EPYC
+    # against the Intel Xeon that stored them); a wrongly loaded weight changes them by orders of magnitude more.
+    torch.testing.assert_close(outputs.logits, expected["logits"], **ACROSS_MACHINES)
+    torch.testing.assert_close(outputs.pred_boxes, expected["pred_boxes"], **ACROSS_MACHINES)
     assert not any(p.requires_grad for p in model.model.backbone.vae.parameters())
 
     # Saved again, it is in today's format: nested config, the VAE's weights inside the backbone.
@@ -146,7 +151,7 @@ def test_a_detector_saved_before_version_0_2_loads_with_identical_outputs(tmp_pa
     assert not any(key.startswith("model.vae.") for key in keys)
     with torch.no_grad():
         again = DiTForObjectDetection.from_pretrained(tmp_path).eval()(expected["pixel_values"])
-    torch.testing.assert_close(again.logits, expected["logits"], rtol=0, atol=0)
+    torch.testing.assert_close(again.logits, expected["logits"], **ACROSS_MACHINES)
 
 
 def test_box_update_and_class_loss_defaults_and_round_trip(tmp_path):
