@@ -17,7 +17,8 @@ the "small" preset's decoder (d_model 64, 20 queries, 4 groups), so the rows com
 steps that compile it (their seconds are printed).
 
 Forward GFLOPs per image are counted with `FlopCounterMode` (matmuls, convolutions, attention, with the attention
-formulas also applied to the CPU kernel, which the counter leaves out; not grid_sample or elementwise ops) and printed next to ours, so the match is visible. Training: forward with the loss on random boxes
+formulas also applied to the CPU kernel, which the counter leaves out; not grid_sample or elementwise ops) and
+printed next to ours, so the match is visible. Training: forward with the loss on random boxes
 (0 to 4 per image), backward, AdamW step, batch 8. Inference: eval mode, no_grad, batch 1 and 8. Memory: each row
 alone in a child process, the training peak above what a first step leaves (activations and gradients). MFU: counted
 FLOPs of a training step (forward + backward) or of a forward per second, over the matmul peak measured in the run.
@@ -178,6 +179,13 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
             sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
+def build_on(spec: RowSpec, device: torch.device) -> torch.nn.Module:
+    """The row's (eager) model, initialised where it runs: a 500 M-parameter model inits in seconds on a GPU."""
+    torch.manual_seed(0)
+    with device:
+        return spec.build().to(device)
+
+
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -298,9 +306,7 @@ def _reset_peak_rss() -> bool:
 def training_memory(spec: RowSpec, device: torch.device, bf16: bool, steps: int = 2) -> dict:
     """Peak memory of `steps` training steps at batch 8 above what a first step at batch 1 leaves behind (the
     weights, AdamW's states, lazily loaded libraries and kernels): activations, gradients and their workspace."""
-    torch.manual_seed(0)
-    with device:
-        eager = spec.build().to(device)
+    eager = build_on(spec, device)
     optimizer = make_optimizer(eager)
     model = torch.compile(eager) if spec.compiled else eager
     pixels, labels = make_batch(spec.geometry, TRAIN_BATCH, device)
@@ -351,9 +357,7 @@ def build_rows(specs: list[RowSpec], device: torch.device) -> tuple[list[Row], l
     rows, skipped = [], []
     for spec in specs:
         try:
-            torch.manual_seed(0)
-            with device:  # initialised where it runs: a 500 M-parameter model inits in seconds on a GPU
-                model = spec.build().to(device)
+            model = build_on(spec, device)
             row_counts = counts(model, spec.geometry, device)
             optimizer = make_optimizer(model)
             rows.append(Row(spec, torch.compile(model) if spec.compiled else model, optimizer, row_counts))
