@@ -53,7 +53,11 @@ BATCH_SIZE = 8
 CALIBRATION_STEPS = 6
 TRAINING = {"learning_rate": 1e-3, "weight_decay": 1e-4, "warmup_steps": 50, "max_grad_norm": 1.0,
             "lr_scheduler_type": "cosine"}
-MODELS = ("ours", "lwdetr")
+# Ablations that swap one part of ours for LW-DETR's, built and initialised by transformers as in LW-DETR:
+# "ours+lwdetr-vit": its plain ViT backbone (learned positions, layer scale 0.1; same width, depth, heads, patch and
+# taps) in place of the DiT blocks; "ours+lwdetr-projector": its multi-scale projector (per tap resampling, C2f blocks
+# with BatchNorm and SiLU, LayerNorm) in place of our neck. `--ours_config` applies to every model but "lwdetr".
+MODELS = ("ours", "lwdetr", "ours+lwdetr-vit", "ours+lwdetr-projector")
 
 
 def make_data(work_dir: Path, train_images: int, eval_images: int) -> Path:
@@ -69,7 +73,7 @@ def make_data(work_dir: Path, train_images: int, eval_images: int) -> Path:
 
 def build_model(name: str, id2label: dict[int, str], category_ids: list[int], overrides: dict | None = None):
     from throughput import lwdetr_config
-    from transformers import LwDetrForObjectDetection
+    from transformers import LwDetrForObjectDetection, LwDetrViTBackbone
 
     from modeling_dit_detection import DiTDetectionConfig, DiTForObjectDetection
 
@@ -80,6 +84,14 @@ def build_model(name: str, id2label: dict[int, str], category_ids: list[int], ov
         return DiTForObjectDetection(config), config
     if name == "lwdetr":
         return LwDetrForObjectDetection(lwdetr_config(config)), config
+    if name == "ours+lwdetr-vit":
+        model = DiTForObjectDetection(config)
+        model.model.backbone = LwDetrViTBackbone(lwdetr_config(config).backbone_config)
+        return model, config
+    if name == "ours+lwdetr-projector":
+        model = DiTForObjectDetection(config)
+        model.model.neck = LwDetrForObjectDetection(lwdetr_config(config)).model.backbone.projector
+        return model, config
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
@@ -167,8 +179,8 @@ def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, o
 
 def launch(model_name: str, budget: float, seed: int, args, data_dir: Path) -> dict:
     """One run in its own process (or its earlier result, when it finished with the same settings)."""
-    overrides = json.loads(args.ours_config) if model_name == "ours" else {}
-    tag = args.tag if model_name == "ours" else ""
+    overrides = json.loads(args.ours_config) if model_name != "lwdetr" else {}
+    tag = args.tag if model_name != "lwdetr" else ""
     out_dir = Path(args.work_dir) / "runs" / f"{model_name}{tag}_x{budget:g}_seed{seed}"
     result_file = out_dir / "result.json"
     budget_seconds = budget * args.unit_cpu_minutes * 60

@@ -48,6 +48,8 @@ DETECTOR_PRESETS = {
 }
 PRESETS = (*DIT_PRESETS, *DETECTOR_PRESETS)
 BOX_REFINEMENTS = ("iterative", "lite")
+NECKS = ("simple", "c2f")
+NECK_NORMS = ("batch", "layer")
 BOX_UPDATES = ("logit", "relative")
 CLASS_LOSSES = ("focal", "iou_aware")
 
@@ -70,8 +72,15 @@ class DiTDetectionConfig(PretrainedConfig):
         d_model (`int`): width of the neck, the decoder and the heads.
         pyramid_scales (`tuple[float]`): resolutions of the simple feature pyramid relative to the token grid (2.0 =
             twice as fine, 0.5 = half); ViTDet-style. Each must be 4, 2, 1, 0.5 or 0.25.
-        neck_blocks (`int`): residual convolution bottlenecks (`NeckBlock`) on every pyramid level after the simple
-            pyramid's linear projection (0 = none).
+        neck (`str`): `"simple"`: ViTDet's simple feature pyramid over the fused taps (`DiTDetectionNeck`, linear up
+            to its LayerNorms); `"c2f"`: LW-DETR's projector (`CrossStagePartialNeck`: each tap resampled, then
+            concatenated and mixed by a C2f convolution block per level), measured far better on small, dense objects
+            from scratch (README "What training compute buys").
+        neck_blocks (`int`): with the simple neck, residual convolution bottlenecks (`NeckBlock`) on every pyramid
+            level after its linear projection (0 = none); with the C2f neck, the pairs of 3x3 convolutions in each
+            level's C2f block (LW-DETR: 3, its small sizes 2).
+        neck_norm (`str`): normalisation in the C2f neck's convolutions: `"batch"` (LW-DETR's) or `"layer"`
+            (independent of the batch: for small per-device batches).
         num_queries (`int`): object queries used at inference.
         num_query_groups (`int`): training-only query groups (Group DETR); each is matched one-to-one on its own, which
             gives the decoder many positive samples per object. Inference uses the first group only.
@@ -112,7 +121,9 @@ class DiTDetectionConfig(PretrainedConfig):
         backbone_config: DiTBackboneConfig | dict | None = None,
         d_model: int = 256,
         pyramid_scales: tuple[float, ...] | list[float] = (2.0, 1.0, 0.5),
+        neck: str = "simple",
         neck_blocks: int = 0,
+        neck_norm: str = "batch",
         num_queries: int = 300,
         num_query_groups: int = 13,
         decoder_layers: int = 3,
@@ -149,7 +160,9 @@ class DiTDetectionConfig(PretrainedConfig):
         self.backbone_config = backbone_config
         self.d_model = d_model
         self.pyramid_scales = [float(s) for s in pyramid_scales]
+        self.neck = neck
         self.neck_blocks = neck_blocks
+        self.neck_norm = neck_norm
         self.num_queries = num_queries
         self.num_query_groups = num_query_groups
         self.decoder_layers = decoder_layers
@@ -217,6 +230,10 @@ class DiTDetectionConfig(PretrainedConfig):
                              "must be even (sin-cos box embedding).")
         if isinstance(self.neck_blocks, bool) or not isinstance(self.neck_blocks, int) or self.neck_blocks < 0:
             raise ValueError(f"neck_blocks must be an integer >= 0, got {self.neck_blocks!r}.")
+        if self.neck not in NECKS:
+            raise ValueError(f"neck must be one of {NECKS}, got {self.neck!r}.")
+        if self.neck_norm not in NECK_NORMS:
+            raise ValueError(f"neck_norm must be one of {NECK_NORMS}, got {self.neck_norm!r}.")
         if not self.pyramid_scales:
             raise ValueError("pyramid_scales must name at least one level.")
         for scale in self.pyramid_scales:

@@ -139,6 +139,91 @@ class DiTDetectionNeck(nn.Module):
         return [level(fused) for level in self.levels]
 
 
+def norm_2d(kind: str, channels: int) -> nn.Module:
+    """A normalisation over the channels of `[batch, channels, h, w]` maps: "batch" or "layer"."""
+    return nn.BatchNorm2d(channels) if kind == "batch" else LayerNorm2d(channels)
+
+
+class ConvNormAct(nn.Sequential):
+    """Convolution (no bias; `kernel // 2` padding) -> channel normalisation -> activation."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, norm: str = "batch",
+                 activation: type[nn.Module] = nn.SiLU):
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel, stride, padding=kernel // 2, bias=False),
+                         norm_2d(norm, out_channels), activation())
+
+
+class CrossStagePartialBlock(nn.Module):
+    """YOLOv8's C2f (the block of LW-DETR's projector), `[B, in, h, w]` -> `[B, out, h, w]`: a 1x1 convolution into
+    two halves of `out / 2` channels; `num_blocks` pairs of 3x3 convolutions chained on the second half, every
+    intermediate kept; all concatenated and merged by a 1x1 convolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, norm: str):
+        super().__init__()
+        half = out_channels // 2
+        self.split = ConvNormAct(in_channels, 2 * half, 1, norm=norm)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(ConvNormAct(half, half, 3, norm=norm), ConvNormAct(half, half, 3, norm=norm))
+            for _ in range(num_blocks))
+        self.merge = ConvNormAct((2 + num_blocks) * half, out_channels, 1, norm=norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = list(self.split(x).chunk(2, dim=1))
+        for block in self.blocks:
+            parts.append(block(parts[-1]))
+        return self.merge(torch.cat(parts, dim=1))
+
+
+class CrossStagePartialNeck(nn.Module):
+    """LW-DETR's multi-scale projector over the DiT's taps, `neck="c2f"`: the same inputs and outputs as
+    [`DiTDetectionNeck`]. For each pyramid level every tap is resampled on its own (x2: a stride-2 transposed
+    convolution to half the channels, a quarter above 512 channels after a 1x1 reduction; x0.5: a stride-2 3x3
+    convolution), the taps are concatenated and mixed by a [`CrossStagePartialBlock`] with `neck_blocks` blocks, then
+    LayerNorm. Each tap is LayerNorm-ed first, as in the simple neck (a pretrained DiT's few huge channels).
+
+    Measured far ahead of the simple pyramid on small, dense objects from scratch (README "What training compute
+    buys"): its convolutions mix each token with its neighbours non-linearly before the decoder samples them."""
+
+    def __init__(self, config: DiTDetectionConfig):
+        super().__init__()
+        hidden, num_taps = config.backbone_config.hidden_size, len(config.backbone_config.out_indices)
+        self.tap_norms = nn.ModuleList(nn.LayerNorm(hidden, eps=1e-6) for _ in range(num_taps))
+        self.levels = nn.ModuleList()
+        for scale in config.pyramid_scales:
+            resamplers = nn.ModuleList(self._resampler(scale, hidden, config.neck_norm) for _ in range(num_taps))
+            channels = num_taps * self._resampled_channels(scale, hidden)
+            self.levels.append(nn.ModuleDict({
+                "resample": resamplers,
+                "mix": CrossStagePartialBlock(channels, config.d_model, config.neck_blocks, config.neck_norm),
+                "norm": LayerNorm2d(config.d_model, eps=1e-6),
+            }))
+
+    @staticmethod
+    def _resampled_channels(scale: float, channels: int) -> int:
+        for _ in range(round(math.log2(scale))):  # each x2 step halves the channels (the first quarters > 512)
+            channels //= 4 if channels > 512 else 2
+        return channels
+
+    @staticmethod
+    def _resampler(scale: float, channels: int, norm: str) -> nn.Sequential:
+        layers = []
+        for _ in range(round(math.log2(scale))):
+            if channels > 512:
+                layers.append(ConvNormAct(channels, channels // 2, 1, norm=norm, activation=nn.ReLU))
+                channels //= 2
+            layers.append(nn.ConvTranspose2d(channels, channels // 2, 2, stride=2))
+            channels //= 2
+        for _ in range(round(-math.log2(scale))):
+            layers.append(ConvNormAct(channels, channels, 3, stride=2, norm=norm, activation=nn.ReLU))
+        return nn.Sequential(*layers)
+
+    def forward(self, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        taps = [norm(tap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for norm, tap in zip(self.tap_norms, feature_maps)]
+        return [level["norm"](level["mix"](torch.cat([resample(tap) for resample, tap in zip(level["resample"], taps)],
+                                                     dim=1)))
+                for level in self.levels]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # DETR-style decoder
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,7 +540,7 @@ class DiTDetectionModel(DiTDetectionPreTrainedModel):
     def __init__(self, config: DiTDetectionConfig):
         super().__init__(config)
         self.backbone = DiTBackbone(config.backbone_config)
-        self.neck = DiTDetectionNeck(config)
+        self.neck = CrossStagePartialNeck(config) if config.neck == "c2f" else DiTDetectionNeck(config)
         d_model = config.d_model
         self.proposal_proj = nn.Linear(d_model, d_model)
         self.proposal_norm = nn.LayerNorm(d_model)

@@ -161,6 +161,27 @@ def test_quality_per_compute_models_are_matched():
     assert variant.neck_blocks == 1 and variant.num_queries == config.num_queries
 
 
+def test_quality_per_compute_ablations_swap_one_part_for_lwdetrs():
+    from transformers import LwDetrViTBackbone
+
+    from modeling_dit_detection import DiTForObjectDetection
+
+    id2label = {i: str(i) for i in range(5)}
+    ours, _ = quality_per_compute.build_model("ours", id2label, list(range(5)))
+    with_vit, _ = quality_per_compute.build_model("ours+lwdetr-vit", id2label, list(range(5)))
+    with_projector, _ = quality_per_compute.build_model("ours+lwdetr-projector", id2label, list(range(5)))
+    assert isinstance(with_vit.model.backbone, LwDetrViTBackbone)
+    assert type(with_projector.model.neck).__name__ == "LwDetrMultiScaleProjector"
+    assert type(with_vit.model.neck) is type(ours.model.neck) and type(with_projector.model.backbone) is type(
+        ours.model.backbone)
+    pixels = torch.rand(2, 3, 256, 256) * 2 - 1
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.1, 0.1]])}] * 2
+    for model in (with_vit, with_projector):
+        assert isinstance(model, DiTForObjectDetection)
+        outputs = model(pixel_values=pixels, labels=labels)
+        assert outputs.pred_boxes.shape == (2, quality_per_compute.NUM_QUERIES, 4) and torch.isfinite(outputs.loss)
+
+
 @pytest.mark.parametrize("option, value", [("--ours_config", "[1]"), ("--ours_config", "{not json"),
                                            ("--seconds_per_step", '{"ours": 0}'),
                                            ("--seconds_per_step", '{"ours": "fast"}')])

@@ -107,6 +107,8 @@ DETECTOR_ERRORS = [
     ({"focal_alpha": 0.0}, "focal_alpha must lie in"),
     ({"box_update": "sigmoid"}, "box_update must be one of"),
     ({"neck_blocks": -1}, "neck_blocks must be an integer >= 0"),
+    ({"neck": "fpn"}, r"neck must be one of \('simple', 'c2f'\)"),
+    ({"neck": "c2f", "neck_norm": "group"}, r"neck_norm must be one of \('batch', 'layer'\)"),
     ({"anchor_tokens": 0}, "anchor_tokens must be > 0"),
     ({"box_refinement": "deep"}, "box_refinement must be one of"),
     ({"class_loss": "softmax"}, "class_loss must be one of"),

@@ -358,3 +358,47 @@ def test_neck_blocks_start_as_the_identity_and_then_learn():
     with_blocks.train()
     with_blocks(torch.randn(2, 3, 64, 64), labels=random_labels(2, 3)).loss.backward()
     assert all(block.expand.weight.grad.abs().sum() > 0 for block in blocks)
+
+
+@pytest.mark.parametrize("hidden_size, num_attention_heads", [(32, 2), (1024, 2)])
+def test_c2f_neck_gives_every_pyramid_level_from_each_tap_and_learns(hidden_size, num_attention_heads):
+    """`neck="c2f"`: one `[B, d_model, h * s, w * s]` map per scale s (odd grids rounded up, as the simple neck), each
+    from every tap; taps wider than 512 channels are reduced before upsampling (LW-DETR's rule); BatchNorm or
+    LayerNorm in the convolutions; every parameter gets a gradient from the detection loss."""
+    from modeling_dit_detection.modeling_dit_detection import CrossStagePartialNeck
+
+    for norm, norm_class in (("batch", torch.nn.BatchNorm2d), ("layer", torch.nn.LayerNorm)):
+        config = tiny_config(neck="c2f", neck_blocks=1, neck_norm=norm, pyramid_scales=(4, 2, 1, 0.5, 0.25),
+                             hidden_size=hidden_size, num_attention_heads=num_attention_heads)
+        neck = CrossStagePartialNeck(config)
+        assert any(isinstance(m, norm_class) for m in neck.levels[0]["mix"].modules())
+        taps = [torch.randn(2, hidden_size, 7, 9) for _ in config.backbone_config.out_indices]
+        shapes = [tuple(level.shape) for level in neck(taps)]
+        assert shapes == [(2, config.d_model, 28, 36), (2, config.d_model, 14, 18), (2, config.d_model, 7, 9),
+                          (2, config.d_model, 4, 5), (2, config.d_model, 2, 3)]
+        # channels per tap after x4 and x2: each x2 step halves them, or quarters them while they are over 512
+        split_inputs = [level["mix"].split[0].in_channels // len(taps) for level in neck.levels]
+        expected = [hidden_size // 8, hidden_size // 4] if hidden_size > 512 else [hidden_size // 4, hidden_size // 2]
+        assert split_inputs == [*expected, hidden_size, hidden_size, hidden_size]
+
+    model = DiTForObjectDetection(tiny_config(neck="c2f", neck_blocks=1)).train()
+    model(torch.randn(2, 3, 64, 64), labels=random_labels(2, 3)).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.neck.parameters())
+
+
+def test_c2f_detector_round_trips_with_its_batch_norm_statistics(tmp_path):
+    """BatchNorm's running statistics are part of the saved model: the reloaded detector predicts identically."""
+    torch.manual_seed(0)
+    model = DiTForObjectDetection(tiny_config(neck="c2f", neck_blocks=1)).train()
+    for _ in range(2):  # move the running statistics away from their initial values
+        model(torch.randn(4, 3, 64, 64), labels=random_labels(4, 3))
+    model.eval().save_pretrained(tmp_path)
+    loaded = DiTForObjectDetection.from_pretrained(tmp_path).eval()
+    assert loaded.config.neck == "c2f" and loaded.config.neck_norm == "batch"
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        expected, actual = model(pixels), loaded(pixels)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(actual.pred_boxes, expected.pred_boxes, rtol=0, atol=0)
+    mean = model.model.neck.levels[0]["mix"].split[1].running_mean
+    assert mean.abs().sum() > 0 and torch.equal(loaded.model.neck.levels[0]["mix"].split[1].running_mean, mean)

@@ -19,7 +19,7 @@ def saved_detector(tmp_path_factory):
 
 @pytest.mark.parametrize("overrides", [{"hidden_size": 64}, {"num_hidden_layers": 2}, {"decoder_layers": 3},
                                        {"d_model": 64}, {"out_indices": [4]}, {"fold_conditioning": True},
-                                       {"neck_blocks": 1}, {"box_update": "relative"},
+                                       {"neck_blocks": 1}, {"neck": "c2f"}, {"box_update": "relative"},
                                        {"anchor_tokens": 4.0}, {"box_refinement": "lite"}])
 def test_overrides_that_would_reinitialise_a_saved_detector_are_refused(saved_detector, overrides):
     with pytest.raises(ValueError, match="would re-initialise or invalidate its trained weights"):

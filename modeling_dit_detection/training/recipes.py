@@ -181,7 +181,7 @@ def _same(a, b) -> bool:
 # boxes).
 WEIGHT_SHAPING_FIELDS = frozenset(BACKBONE_ARGUMENTS - {"image_size", "feature_timestep", "out_features", "out_indices",
                                                         "noise_seed", "initializer_range", "base_grid_size"}) | {
-    "d_model", "pyramid_scales", "neck_blocks", "num_queries", "num_query_groups", "decoder_layers",
+    "d_model", "pyramid_scales", "neck", "neck_blocks", "neck_norm", "num_queries", "num_query_groups", "decoder_layers",
     "decoder_attention_heads", "decoder_ffn_dim", "decoder_n_points", "box_update", "anchor_tokens",
     "box_refinement"}
 # Every field a config override may set: the backbone's and the detector's.
