@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -137,6 +138,12 @@ def detr_config(config: DiTDetectionConfig, encoder_layers: int) -> DetrConfig:
                       num_queries=config.num_queries, auxiliary_loss=True, dropout=0.0, id2label=config.id2label)
 
 
+def simple_neck(config: DiTDetectionConfig) -> DiTDetectionConfig:
+    simple = copy.deepcopy(config)
+    simple.neck, simple.neck_blocks = "simple", 0
+    return simple
+
+
 def ours(config: DiTDetectionConfig, train_backbone: bool) -> DiTForObjectDetection:
     model = DiTForObjectDetection(config)
     set_trainable(model, train_backbone=train_backbone)
@@ -153,6 +160,8 @@ def row_specs(geometries: list[str], compile_ours: bool = False) -> list[RowSpec
                        "torch.compile(model), default mode; the loss's matcher (scipy) and box losses break the graph",
                        compiled=True)] if compile_ours else []),
             RowSpec(f"ours {geometry}, frozen backbone", geometry, lambda c=config: ours(c, False)),
+            RowSpec(f"ours {geometry}, simple neck", geometry, lambda c=config: ours(simple_neck(c), True),
+                    "the preset before the C2f neck: ViTDet's simple pyramid"),
             RowSpec(f"LW-DETR {geometry}", geometry, lambda c=config: LwDetrForObjectDetection(lwdetr_config(c)),
                     f"C2f blocks {LWDETR_C2F_BLOCKS}, no windowed attention"),
             RowSpec(f"DETR + DiT {geometry}", geometry,
