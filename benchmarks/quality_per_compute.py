@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     parser.add_argument("--work_dir", default="outputs/quality-per-compute")
     parser.add_argument("--unit_cpu_minutes", type=float, default=6.0, help="training CPU-minutes of budget 1x")
     parser.add_argument("--budgets", default="1,2,4")
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default="ours,lwdetr", help=f"any of {MODELS}")
     parser.add_argument("--seeds", default="42")
     parser.add_argument("--train_images", type=int, default=1000)
     parser.add_argument("--eval_images", type=int, default=150)
