@@ -19,8 +19,8 @@ _TINY_HEAD = {"d_model": 32, "pyramid_scales": (2.0, 1.0, 0.5), "num_queries": 1
 # built-in data, with the relative box update and anchors of 3.2 tokens (at 256 x 256 with 8-pixel patches exactly
 # LW-DETR's 0.05 x 2^level of the image): measured better than the logit update on both built-in layouts; and with
 # LW-DETR's lite box refinement: as good as the iterative one on both layouts, with fewer ops; and with the C2f neck
-# (LW-DETR's projector, BatchNorm): 0.213 -> ~0.58 test mAP at 687 steps on the dense-small layout, the part of LW-DETR
-# that closed the gap to it. README "What training compute buys".
+# (LW-DETR's projector, BatchNorm): 0.213 -> 0.633 test mAP at 687 steps on the dense-small layout, the part of
+# LW-DETR that closed the gap to it. README "What training compute buys".
 DETECTOR_PRESETS = {
     "tiny": {
         "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "patch_size": 4, "in_channels": 3,
@@ -71,7 +71,7 @@ class DiTDetectionConfig(PretrainedConfig):
         backbone_config (`DiTBackboneConfig` or `dict`, *optional*): the backbone; its `out_indices` are the stages
             whose feature maps feed the neck. Default: DiT-XL/2-256 with the SD VAE, taps at 1/2, 5/8, 3/4 depth.
         d_model (`int`): width of the neck, the decoder and the heads.
-        pyramid_scales (`tuple[float]`): resolutions of the simple feature pyramid relative to the token grid (2.0 =
+        pyramid_scales (`tuple[float]`): resolutions of the neck's feature pyramid relative to the token grid (2.0 =
             twice as fine, 0.5 = half); ViTDet-style. Each must be 4, 2, 1, 0.5 or 0.25.
         neck (`str`): `"simple"`: ViTDet's simple feature pyramid over the fused taps (`DiTDetectionNeck`, linear up
             to its LayerNorms); `"c2f"`: LW-DETR's projector (`CrossStagePartialNeck`: each tap resampled, then

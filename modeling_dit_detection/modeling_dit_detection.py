@@ -1,9 +1,9 @@
-"""DiT-based object detector: the DiT backbone's feature maps -> ViTDet neck -> DETR-style decoder -> heads.
+"""DiT-based object detector: the DiT backbone's feature maps -> neck -> DETR-style decoder -> heads.
 
 Data flow (see DESIGN.md): `DiTBackbone` (VAE latents, fixed noise, DiT blocks) -> the tapped stages' feature maps
--> normalised, fused, simple feature pyramid -> every pyramid token scored as a proposal -> the best become the
-queries' reference boxes -> decoder with multi-scale deformable cross-attention and box refinement (iterative or
-lite) -> class logits and boxes per layer.
+-> normalised -> a feature pyramid (ViTDet's simple pyramid over the fused taps, or LW-DETR's C2f projector) -> every
+pyramid token scored as a proposal -> the best become the queries' reference boxes -> decoder with multi-scale
+deformable cross-attention and box refinement (iterative or lite) -> class logits and boxes per layer.
 """
 
 from __future__ import annotations
@@ -181,8 +181,8 @@ class CrossStagePartialNeck(nn.Module):
     convolution), the taps are concatenated and mixed by a [`CrossStagePartialBlock`] with `neck_blocks` blocks, then
     LayerNorm. Each tap is LayerNorm-ed first, as in the simple neck (a pretrained DiT's few huge channels).
 
-    Measured far ahead of the simple pyramid on small, dense objects from scratch (README "What training compute
-    buys"): its convolutions mix each token with its neighbours non-linearly before the decoder samples them."""
+    Measured far ahead of the simple pyramid on small, dense objects from scratch, with BatchNorm; with LayerNorm in
+    its convolutions it learned no better than the simple pyramid (README "What training compute buys")."""
 
     def __init__(self, config: DiTDetectionConfig):
         super().__init__()
@@ -190,38 +190,34 @@ class CrossStagePartialNeck(nn.Module):
         self.tap_norms = nn.ModuleList(nn.LayerNorm(hidden, eps=1e-6) for _ in range(num_taps))
         self.levels = nn.ModuleList()
         for scale in config.pyramid_scales:
-            resamplers = nn.ModuleList(self._resampler(scale, hidden, config.neck_norm) for _ in range(num_taps))
-            channels = num_taps * self._resampled_channels(scale, hidden)
+            resamplers, channels = zip(*(self._resampler(scale, hidden, config.neck_norm) for _ in range(num_taps)))
             self.levels.append(nn.ModuleDict({
-                "resample": resamplers,
-                "mix": CrossStagePartialBlock(channels, config.d_model, config.neck_blocks, config.neck_norm),
+                "resample": nn.ModuleList(resamplers),
+                "mix": CrossStagePartialBlock(sum(channels), config.d_model, config.neck_blocks, config.neck_norm),
                 "norm": LayerNorm2d(config.d_model, eps=1e-6),
             }))
 
     @staticmethod
-    def _resampled_channels(scale: float, channels: int) -> int:
-        for _ in range(round(math.log2(scale))):  # each x2 step halves the channels (the first quarters > 512)
-            channels //= 4 if channels > 512 else 2
-        return channels
-
-    @staticmethod
-    def _resampler(scale: float, channels: int, norm: str) -> nn.Sequential:
+    def _resampler(scale: float, channels: int, norm: str) -> tuple[nn.Sequential, int]:
+        """One tap's resampling to `scale` and the channels it outputs."""
         layers = []
-        for _ in range(round(math.log2(scale))):
+        for _ in range(round(math.log2(scale))):  # x2 steps
             if channels > 512:
                 layers.append(ConvNormAct(channels, channels // 2, 1, norm=norm, activation=nn.ReLU))
                 channels //= 2
             layers.append(nn.ConvTranspose2d(channels, channels // 2, 2, stride=2))
             channels //= 2
-        for _ in range(round(-math.log2(scale))):
+        for _ in range(round(-math.log2(scale))):  # x0.5 steps
             layers.append(ConvNormAct(channels, channels, 3, stride=2, norm=norm, activation=nn.ReLU))
-        return nn.Sequential(*layers)
+        return nn.Sequential(*layers), channels
 
     def forward(self, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
         taps = [norm(tap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for norm, tap in zip(self.tap_norms, feature_maps)]
-        return [level["norm"](level["mix"](torch.cat([resample(tap) for resample, tap in zip(level["resample"], taps)],
-                                                     dim=1)))
-                for level in self.levels]
+        pyramid = []
+        for level in self.levels:
+            resampled = torch.cat([resample(tap) for resample, tap in zip(level["resample"], taps)], dim=1)
+            pyramid.append(level["norm"](level["mix"](resampled)))
+        return pyramid
 
 
 # ----------------------------------------------------------------------------------------------------------------
