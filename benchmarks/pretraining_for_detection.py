@@ -47,11 +47,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # The built-in "small" detector's head and taps, for a detector built from a diffusers DiT (whose default head is the
 # 7 M-parameter one of DiT-XL/2).
-# The box update, anchors and refinement are pinned (in the random rows too) to those the README's rows were measured
-# with, before the "small" preset moved to the relative update, 3.2-token anchors and lite refinement.
-MEASURED_BOXES = {"box_update": "logit", "anchor_tokens": None, "box_refinement": "iterative"}
+# The neck, box update, anchors and refinement are pinned (in the random rows too) to those the README's rows were
+# measured with, before the "small" preset moved to the relative update, 3.2-token anchors, lite refinement and the
+# C2f neck.
+MEASURED_HEAD = {"neck": "simple", "neck_blocks": 0, "box_update": "logit", "anchor_tokens": None,
+                 "box_refinement": "iterative"}
 SMALL_HEAD = {"d_model": 64, "num_queries": 20, "num_query_groups": 4, "decoder_layers": 3,
-              "decoder_attention_heads": 4, "decoder_ffn_dim": 128, "decoder_n_points": 4, **MEASURED_BOXES}
+              "decoder_attention_heads": 4, "decoder_ffn_dim": 128, "decoder_n_points": 4, **MEASURED_HEAD}
 PRETRAINED_DEFAULTS = {"--out_indices": "2,4", "--feature_timestep": "0"}
 # The built-in job's training settings, given explicitly to every row: run_detection.py applies them by itself only
 # when neither data nor a model is named, so a row with --model_name_or_path would otherwise get the general
@@ -61,7 +63,7 @@ TRAINING_SETTINGS = ["--learning_rate", "1e-3", "--per_device_train_batch_size",
                      "--augmentation", "light", "--num_train_epochs", "14"]
 # diffusers' DiT embeds the timestep with 256 sinusoidal frequencies (fixed); the "small" preset uses 64. The random
 # rows take 256 too, so that both detectors are the same architecture down to the last layer.
-RANDOM_DEFAULTS = {"--config_overrides": json.dumps({"frequency_embedding_size": 256, **MEASURED_BOXES})}
+RANDOM_DEFAULTS = {"--config_overrides": json.dumps({"frequency_embedding_size": 256, **MEASURED_HEAD})}
 
 
 @dataclass
