@@ -187,7 +187,7 @@ class CrossStagePartialNeck(nn.Module):
     def __init__(self, config: DiTDetectionConfig):
         super().__init__()
         hidden, num_taps = config.backbone_config.hidden_size, len(config.backbone_config.out_indices)
-        self.tap_norms = nn.ModuleList(nn.LayerNorm(hidden, eps=1e-6) for _ in range(num_taps))
+        self.tap_norms = nn.ModuleList(LayerNorm2d(hidden, eps=1e-6) for _ in range(num_taps))
         self.levels = nn.ModuleList()
         for scale in config.pyramid_scales:
             resamplers, channels = zip(*(self._resampler(scale, hidden, config.neck_norm) for _ in range(num_taps)))
@@ -212,7 +212,7 @@ class CrossStagePartialNeck(nn.Module):
         return nn.Sequential(*layers), channels
 
     def forward(self, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        taps = [norm(tap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for norm, tap in zip(self.tap_norms, feature_maps)]
+        taps = [norm(tap) for norm, tap in zip(self.tap_norms, feature_maps)]
         pyramid = []
         for level in self.levels:
             resampled = torch.cat([resample(tap) for resample, tap in zip(level["resample"], taps)], dim=1)
