@@ -37,7 +37,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = DiTDetectionConfig.from_preset("small", id2label={i: str(i) for i in range(5)})
     model = DiTForObjectDetection(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), 1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-4, fused=True)  # the Trainer's adamw_torch_fused
     pixels = torch.rand(args.batch_size, 3, *config.image_size, device=device) * 2 - 1
     labels = [{k: v.to(device) for k, v in t.items()}
               for t in random_labels(args.batch_size, 5, torch.Generator().manual_seed(0))]

@@ -19,7 +19,7 @@ steps that compile it (their seconds are printed).
 Forward GFLOPs per image are counted with `FlopCounterMode` (matmuls, convolutions, attention, with the attention
 formulas also applied to the CPU kernel, which the counter leaves out; not grid_sample or elementwise ops) and
 printed next to ours, so the match is visible. Training: forward with the loss on random boxes
-(0 to 4 per image), backward, AdamW step, batch 8. Inference: eval mode, no_grad, batch 1 and 8. Memory: each row
+(0 to 4 per image), backward, AdamW step (fused, the Trainer's default `adamw_torch_fused`), batch 8. Inference: eval mode, no_grad, batch 1 and 8. Memory: each row
 alone in a child process, the training peak above what a first step leaves (activations and gradients). MFU: counted
 FLOPs of a training step (forward + backward) or of a forward per second, over the matmul peak measured in the run.
 Times: median (min-max) over `--repeats` rounds of `--steps` steps, each round running every row in turn (A B C A B
@@ -196,7 +196,9 @@ def build_on(spec: RowSpec, device: torch.device) -> torch.nn.Module:
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    """The optimizer run_detection.py trains with: the Trainer's default, `adamw_torch_fused` (one kernel per
+    parameter; torch's plain AdamW loops over the parameters with several elementwise ops each on a CPU)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -384,6 +385,29 @@ def test_c2f_neck_gives_every_pyramid_level_from_each_tap_and_learns(hidden_size
     model = DiTForObjectDetection(tiny_config(neck="c2f", neck_blocks=1)).train()
     model(torch.randn(2, 3, 64, 64), labels=random_labels(2, 3)).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.neck.parameters())
+
+
+@pytest.mark.parametrize("neck", ["simple", "c2f"])
+def test_neck_convolution_weights_are_channels_last_when_built_and_loaded(tmp_path, neck):
+    """The neck's convolution weights take the taps' channels-last layout (no conversion per call), in a new and in a
+    reloaded detector (loading replaces the parameters), and the layout does not change what the neck computes."""
+    def neck_weights(model):
+        return [p for p in model.model.neck.parameters() if p.dim() == 4]
+
+    torch.manual_seed(0)
+    model = DiTForObjectDetection(tiny_config(neck=neck, neck_blocks=1)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = DiTForObjectDetection.from_pretrained(tmp_path).eval()
+    for detector in (model, loaded):
+        assert neck_weights(detector) and all(w.is_contiguous(memory_format=torch.channels_last)
+                                              for w in neck_weights(detector))
+    channels_first = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    assert all(w.is_contiguous() for w in neck_weights(channels_first))
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        expected = channels_first(pixels)
+        for detector in (model, loaded):
+            torch.testing.assert_close(detector(pixels).pred_boxes, expected.pred_boxes, rtol=1e-5, atol=1e-5)
 
 
 def test_c2f_detector_round_trips_with_its_batch_norm_statistics(tmp_path):
