@@ -4,9 +4,10 @@
                                     [--bf16] [--compile] [--geometries small S S-256 XL-256] [--no-memory]
 
 Rows per geometry: ours training everything ("full") and with the backbone frozen (`set_trainable`, stage one of
-run_detection.py); `LwDetrForObjectDetection` with our backbone's width, depth, heads, patch and taps and our
+run_detection.py), with the simple pyramid neck, and with the conditioning folded (`fold_conditioning()`, what a
+trained detector can be saved as for inference); `LwDetrForObjectDetection` with our backbone's width, depth, heads, patch and taps and our
 decoder's sizes; `DetrForObjectDetection` on our `DiTBackbone` (AutoBackbone). "small" is the README's scratch
-detector (`from_preset("small")`, 64x64 pixels, ~670 k parameters). "S" is DiT-S/2's width 384 and 6 heads, depth 12
+detector (`from_preset("small")`, 64x64 pixels, ~770 k parameters). "S" is DiT-S/2's width 384 and 6 heads, depth 12
 with the default taps (6, 8, 9), of which the 9 blocks up to the deepest tap are built (as the converter does), on the
 same 64x64 pixels with pixel-space patches of 8: DiT-S/2's 32x32 latent grid is too slow on CPU, this grid of 8x8
 tokens trains a batch of 8 in under 1 s on 2 cores (0.4 to 1 s on a shared machine). For a GPU: "S-256" is the same
@@ -144,8 +145,11 @@ def simple_neck(config: DiTDetectionConfig) -> DiTDetectionConfig:
     return simple
 
 
-def ours(config: DiTDetectionConfig, train_backbone: bool) -> DiTForObjectDetection:
+def ours(config: DiTDetectionConfig, train_backbone: bool, fold: bool = False) -> DiTForObjectDetection:
     model = DiTForObjectDetection(config)
+    if fold:  # the fixed conditioning's modulation as constants: identical outputs, no adaLN MLPs to run (this
+        # also marks `config` folded, so give it a config of its own)
+        model.fold_conditioning()
     set_trainable(model, train_backbone=train_backbone)
     return model
 
@@ -162,6 +166,9 @@ def row_specs(geometries: list[str], compile_ours: bool = False) -> list[RowSpec
             RowSpec(f"ours {geometry}, frozen backbone", geometry, lambda c=config: ours(c, False)),
             RowSpec(f"ours {geometry}, simple neck", geometry, lambda c=config: ours(simple_neck(c), True),
                     "the preset before the C2f neck: ViTDet's simple pyramid"),
+            RowSpec(f"ours {geometry}, conditioning folded", geometry, lambda c=config: ours(copy.deepcopy(c), True, fold=True),
+                    "`model.fold_conditioning()`: each block's adaLN MLP replaced by the modulation it gives for the "
+                    "fixed timestep and null class (same outputs; trains the modulation as free parameters)"),
             RowSpec(f"LW-DETR {geometry}", geometry, lambda c=config: LwDetrForObjectDetection(lwdetr_config(c)),
                     f"C2f blocks {LWDETR_C2F_BLOCKS}, no windowed attention"),
             RowSpec(f"DETR + DiT {geometry}", geometry,

@@ -51,6 +51,16 @@ def test_peers_are_matched_to_ours(small_rows):
         assert 0.85 < row.counts["forward_flops_per_image"] / ours["forward_flops_per_image"] < 1.15, row.spec.name
 
 
+def test_folded_row_is_ours_with_the_same_outputs(small_rows):
+    """The inference row with the conditioning folded times the same detector: same weights, same predictions."""
+    by_name = {row.spec.name: row.model.eval() for row in small_rows}
+    folded, full = by_name["ours small, conditioning folded"], by_name["ours small, full"]
+    assert folded.config.backbone_config.fold_conditioning and not full.config.backbone_config.fold_conditioning
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(folded(pixel_values=pixels).logits, full(pixel_values=pixels).logits)
+
+
 def test_flop_count_includes_attention_on_cpu():
     """FlopCounterMode counts the GPU attention kernels but not the CPU one; the benchmark's counter counts its
     forward as the two matmuls it replaces, and its backward with the GPU kernels' formula."""
@@ -141,6 +151,20 @@ def test_criterion_stacking_benchmark_times_both_modes(capsys):
     assert set(times) == {"per set", "stacked"} and all(len(v) == 2 and min(v) > 0 for v in times.values())
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(table) == 3 and table[-1].endswith("| 1.00 |")
+
+
+def test_neck_layout_benchmark_times_both_layouts_of_both_necks(capsys):
+    neck_layout = load_benchmark("neck_layout")
+    config = throughput.our_config("small")
+    taps = neck_layout.taps_like_the_backbone(config, 2)
+    assert [tuple(tap.shape) for tap in taps] == [(2, 64, 16, 16)] * 2
+    assert all(tap.is_contiguous(memory_format=torch.channels_last) for tap in taps)  # as the backbone's views
+    times = neck_layout.main(["--geometries", "small", "--batch-size", "2", "--repeats", "2", "--calls", "1"])
+    assert set(times) == {"small c2f", "small simple"}
+    assert all(set(t) == {"channels-last", "channels-first"} and all(len(v) == 2 and min(v) > 0 for v in t.values())
+               for t in times.values())
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| small")]
+    assert len(table) == 2
 
 
 quality_per_compute = load_benchmark("quality_per_compute")
