@@ -102,6 +102,9 @@ def test_table_reports_ratios_to_ours(small_rows):
     assert len(lines) == 2 + len(small_rows)
     ours = next(line for line in lines if line.startswith("| ours small, full"))
     assert "(1.00)" in ours and ours.count("| 1.00 |") == 2
+    # ratios pair the rounds: the second row's times over ours' are 1.0 and 2.0 in its two rounds
+    second = next(line for line in lines if line.startswith(f"| {small_rows[1].spec.name} |"))
+    assert second.count("| 1.50 (1.00-2.00) |") == 2
     assert all(0 < r["mfu_train"] < 1 and 0 < r["mfu_infer_b8"] < 1 for r in results)
 
 
