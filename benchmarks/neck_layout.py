@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for layout in (list(layouts) if repeat % 2 == 0 else list(layouts)[::-1]):
                     times[layout].append(neck_seconds(layouts[layout], taps, args.calls))
             last, first = (statistics.median(times[layout]) for layout in layouts)
-            cells = [f"{statistics.median(v) * 1e3:.1f} ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f})" for v in times.values()]
+            cells = [f"{statistics.median(v) * 1e3:.1f} ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f})"
+                     for v in times.values()]
             print(f"| {geometry} | {neck_name} | {cells[0]} | {cells[1]} | {first / last:.2f} |")
             results[f"{geometry} {neck_name}"] = times
     return results

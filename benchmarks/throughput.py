@@ -5,26 +5,27 @@
 
 Rows per geometry: ours training everything ("full") and with the backbone frozen (`set_trainable`, stage one of
 run_detection.py), with the simple pyramid neck, and with the conditioning folded (`fold_conditioning()`, what a
-trained detector can be saved as for inference); `LwDetrForObjectDetection` with our backbone's width, depth, heads, patch and taps and our
-decoder's sizes; `DetrForObjectDetection` on our `DiTBackbone` (AutoBackbone). "small" is the README's scratch
-detector (`from_preset("small")`, 64x64 pixels, ~770 k parameters). "S" is DiT-S/2's width 384 and 6 heads, depth 12
-with the default taps (6, 8, 9), of which the 9 blocks up to the deepest tap are built (as the converter does), on the
-same 64x64 pixels with pixel-space patches of 8: DiT-S/2's 32x32 latent grid is too slow on CPU, this grid of 8x8
-tokens trains a batch of 8 in under 1 s on 2 cores (0.4 to 1 s on a shared machine). For a GPU: "S-256" is the same
-model and "XL-256" DiT-XL/2's width 1152 and 16 heads, depth 28 with taps (14, 18, 21) (21 blocks built), both on
-256x256 pixels with patches of 16, i.e. DiT's real 16x16 token grid at 256x256 (without the VAE); every geometry keeps
-the "small" preset's decoder (d_model 64, 20 queries, 4 groups), so the rows compare backbones and necks.
-`--compile` adds a row per geometry: ours (full) through `torch.compile` (default mode), timed after the warm-up
-steps that compile it (their seconds are printed).
+trained detector can be saved as for inference); `LwDetrForObjectDetection` with our backbone's width, depth, heads,
+patch and taps and our decoder's sizes; `DetrForObjectDetection` on our `DiTBackbone` (AutoBackbone). "small" is the
+README's scratch detector (`from_preset("small")`, 64x64 pixels, ~770 k parameters). "S" is DiT-S/2's width 384 and 6
+heads, depth 12 with the default taps (6, 8, 9), of which the 9 blocks up to the deepest tap are built (as the
+converter does), on the same 64x64 pixels with pixel-space patches of 8: DiT-S/2's 32x32 latent grid is too slow on
+CPU, this grid of 8x8 tokens trains a batch of 8 in under 1 s on 2 cores (0.4 to 1 s on a shared machine). For a GPU:
+"S-256" is the same model and "XL-256" DiT-XL/2's width 1152 and 16 heads, depth 28 with taps (14, 18, 21) (21 blocks
+built), both on 256x256 pixels with patches of 16, i.e. DiT's real 16x16 token grid at 256x256 (without the VAE);
+every geometry keeps the "small" preset's decoder (d_model 64, 20 queries, 4 groups), so the rows compare backbones
+and necks. `--compile` adds a row per geometry: ours (full) through `torch.compile` (default mode), timed after the
+warm-up steps that compile it (their seconds are printed).
 
 Forward GFLOPs per image are counted with `FlopCounterMode` (matmuls, convolutions, attention, with the attention
 formulas also applied to the CPU kernel, which the counter leaves out; not grid_sample or elementwise ops) and
-printed next to ours, so the match is visible. Training: forward with the loss on random boxes
-(0 to 4 per image), backward, AdamW step (fused, the Trainer's default `adamw_torch_fused`), batch 8. Inference: eval mode, no_grad, batch 1 and 8. Memory: each row
-alone in a child process, the training peak above what a first step leaves (activations and gradients). MFU: counted
-FLOPs of a training step (forward + backward) or of a forward per second, over the matmul peak measured in the run.
-Times: median (min-max) over `--repeats` rounds of `--steps` steps, each round running every row in turn (A B C A B
-C ...), after `--warmup` steps.
+printed next to ours, so the match is visible. Training: forward with the loss on random boxes (0 to 4 per image),
+backward, AdamW step (fused, the Trainer's default `adamw_torch_fused`), batch 8. Inference: eval mode, no_grad,
+batch 1 and 8. Memory: each row alone in a child process, the training peak above what a first step leaves
+(activations and gradients). MFU: counted FLOPs of a training step (forward + backward) or of a forward per second,
+over the matmul peak measured in the run. Times: median (min-max) over `--repeats` rounds of `--steps` steps, each
+round running every row in turn (A B C A B C ...), after `--warmup` steps; "x ours" ratios pair the rounds (a row's
+time over ours' in the same round, median and min-max over the rounds).
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ def row_specs(geometries: list[str], compile_ours: bool = False) -> list[RowSpec
             RowSpec(f"ours {geometry}, frozen backbone", geometry, lambda c=config: ours(c, False)),
             RowSpec(f"ours {geometry}, simple neck", geometry, lambda c=config: ours(simple_neck(c), True),
                     "the preset before the C2f neck: ViTDet's simple pyramid"),
-            RowSpec(f"ours {geometry}, conditioning folded", geometry, lambda c=config: ours(copy.deepcopy(c), True, fold=True),
+            RowSpec(f"ours {geometry}, conditioning folded", geometry,
+                    lambda c=config: ours(copy.deepcopy(c), True, fold=True),
                     "`model.fold_conditioning()`: each block's adaLN MLP replaced by the modulation it gives for the "
                     "fixed timestep and null class (same outputs; trains the modulation as free parameters)"),
             RowSpec(f"LW-DETR {geometry}", geometry, lambda c=config: LwDetrForObjectDetection(lwdetr_config(c)),

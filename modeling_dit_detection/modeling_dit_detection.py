@@ -223,8 +223,8 @@ class CrossStagePartialNeck(nn.Module):
 def neck_channels_last(model: nn.Module) -> None:
     """Keep the necks' convolution weights channels-last, the layout their inputs have (the taps are token
     sequences, channels innermost): with a channels-first weight the CPU convolution converts it on every call, forward
-    and backward; at DiT-S width that took the C2f neck's training step from 105 to 128 ms (`--geometries S` of
-    benchmarks/throughput.py). Loading replaces parameter objects, and with them the layout, so loaders call this."""
+    and backward, which made the C2f neck's forward and backward at DiT-S width 1.15x slower
+    (benchmarks/neck_layout.py). Loading replaces parameter objects, and with them the layout, so loaders call this."""
     for module in model.modules():
         if isinstance(module, (DiTDetectionNeck, CrossStagePartialNeck)):
             module.to(memory_format=torch.channels_last)
