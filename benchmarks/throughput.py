@@ -149,9 +149,10 @@ def simple_neck(config: DiTDetectionConfig) -> DiTDetectionConfig:
 
 
 def ours(config: DiTDetectionConfig, train_backbone: bool, fold: bool = False) -> DiTForObjectDetection:
+    if fold:  # folding marks the model's config folded: a copy, so rows built from the same config stay as they are
+        config = copy.deepcopy(config)
     model = DiTForObjectDetection(config)
-    if fold:  # the fixed conditioning's modulation as constants: identical outputs, no adaLN MLPs to run (this
-        # also marks `config` folded, so give it a config of its own)
+    if fold:  # the fixed conditioning's modulation as constants: identical outputs, no adaLN MLPs to run
         model.fold_conditioning()
     set_trainable(model, train_backbone=train_backbone)
     return model
@@ -170,7 +171,7 @@ def row_specs(geometries: list[str], compile_ours: bool = False) -> list[RowSpec
             RowSpec(f"ours {geometry}, simple neck", geometry, lambda c=config: ours(simple_neck(c), True),
                     "the preset before the C2f neck: ViTDet's simple pyramid"),
             RowSpec(f"ours {geometry}, conditioning folded", geometry,
-                    lambda c=config: ours(copy.deepcopy(c), True, fold=True),
+                    lambda c=config: ours(c, True, fold=True),
                     "`model.fold_conditioning()`: each block's adaLN MLP replaced by the modulation it gives for the "
                     "fixed timestep and null class (same outputs; trains the modulation as free parameters)"),
             RowSpec(f"LW-DETR {geometry}", geometry, lambda c=config: LwDetrForObjectDetection(lwdetr_config(c)),
