@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from throughput import GEOMETRIES, our_config, seconds_per_call, simple_neck
+from throughput import CPU_GEOMETRIES, our_config, seconds_per_call, simple_neck, spread
 
 from modeling_dit_detection import DiTForObjectDetection
 
@@ -46,7 +46,7 @@ def neck_seconds(neck: torch.nn.Module, taps: list[torch.Tensor], calls: int) ->
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--geometries", nargs="+", choices=["small", "S"], default=["small", "S"])
+    parser.add_argument("--geometries", nargs="+", choices=CPU_GEOMETRIES, default=CPU_GEOMETRIES)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--calls", type=int, default=5)
@@ -73,13 +73,11 @@ def main(argv: list[str] | None = None) -> dict:
                 for layout in (list(layouts) if repeat % 2 == 0 else list(layouts)[::-1]):
                     times[layout].append(neck_seconds(layouts[layout], taps, args.calls))
             last, first = (statistics.median(times[layout]) for layout in layouts)
-            cells = [f"{statistics.median(v) * 1e3:.1f} ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f})"
-                     for v in times.values()]
+            cells = [spread(v, 1e3) for v in times.values()]
             print(f"| {geometry} | {neck_name} | {cells[0]} | {cells[1]} | {first / last:.2f} |")
             results[f"{geometry} {neck_name}"] = times
     return results
 
 
 if __name__ == "__main__":
-    assert set(GEOMETRIES) >= {"small", "S"}
     main()
