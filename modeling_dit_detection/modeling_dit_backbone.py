@@ -113,7 +113,41 @@ class DiTMLP(nn.Module):
         self.fc2 = nn.Linear(intermediate, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(hidden_states), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(hidden_states)))
+
+
+# tanh(u) = 2 sigmoid(2u) - 1, so the tanh approximation of GELU, x (1 + tanh(u)) / 2 with
+# u = sqrt(2 / pi) (x + 0.044715 x^3), is x sigmoid(2u).
+GELU_TANH_SCALE = 2 * math.sqrt(2 / math.pi)
+GELU_TANH_CUBIC = 0.044715
+
+
+def gelu_tanh(hidden_states: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (DiT's MLP activation), elementwise.
+
+    Float32 inference on a CPU computes it as x sigmoid(2u) in place on one new tensor: torch's tanh-GELU CPU kernel
+    takes about 2.2x that time (its tanh is the costly part; `benchmarks/dit_block_ops.py`), and the two agree to
+    float32 rounding. Elsewhere (training, bfloat16, GPUs, where the kernel is a single fused pass) it is torch's.
+    """
+    if (
+        hidden_states.device.type != "cpu"
+        or hidden_states.dtype != torch.float32
+        or (torch.is_grad_enabled() and hidden_states.requires_grad)
+    ):
+        return F.gelu(hidden_states, approximate="tanh")
+    output = hidden_states * hidden_states
+    output.mul_(GELU_TANH_CUBIC * GELU_TANH_SCALE).add_(GELU_TANH_SCALE).mul_(hidden_states)
+    return output.sigmoid_().mul_(hidden_states)
+
+
+def modulated_layer_norm(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
+    """LayerNorm over the last axis without parameters of its own, then DiT's modulation `x (1 + scale) + shift`.
+
+    hidden_states `[batch, tokens, hidden]`; shift, scale `[1, 1, hidden]` (one conditioning for the whole batch), so
+    the modulation is the norm's affine transform: one kernel instead of three, and torch's affine LayerNorm CPU kernel
+    is faster than its plain one (`benchmarks/dit_block_ops.py`).
+    """
+    return F.layer_norm(hidden_states, hidden_states.shape[-1:], (1 + scale).flatten(), shift.flatten(), eps)
 
 
 class DiTBlock(GradientCheckpointingLayer):
@@ -126,9 +160,9 @@ class DiTBlock(GradientCheckpointingLayer):
     def __init__(self, config: DiTBackboneConfig):
         super().__init__()
         hidden = config.hidden_size
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=config.attention_norm_eps)
+        self.attention_norm_eps = config.attention_norm_eps
         self.attention = DiTAttention(config)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=config.mlp_norm_eps)
+        self.mlp_norm_eps = config.mlp_norm_eps
         self.mlp = DiTMLP(config)
         if config.fold_conditioning:
             self.modulation = nn.Parameter(torch.zeros(6 * hidden))
@@ -136,7 +170,7 @@ class DiTBlock(GradientCheckpointingLayer):
             self.adaln_modulation = nn.Linear(hidden, 6 * hidden)
 
     def compute_modulation(self, conditioning: torch.Tensor | None) -> torch.Tensor:
-        """`[batch or 1, 1, 6 * hidden]`: shift, scale, gate of attention, then of the MLP."""
+        """`[1, 1, 6 * hidden]`: shift, scale, gate of attention, then of the MLP."""
         if conditioning is None:
             return self.modulation[None, None, :]
         return self.adaln_modulation(F.silu(conditioning))[:, None, :]
@@ -147,12 +181,14 @@ class DiTBlock(GradientCheckpointingLayer):
         del self.adaln_modulation
 
     def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor | None) -> torch.Tensor:
-        """hidden_states `[batch, tokens, hidden]`, conditioning `[batch or 1, hidden]` (None when folded) ->
+        """hidden_states `[batch, tokens, hidden]`, conditioning `[1, hidden]` (None when folded) ->
         `[batch, tokens, hidden]`."""
         modulation = self.compute_modulation(conditioning)
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
-        hidden_states = hidden_states + gate_attn * self.attention(self.norm1(hidden_states) * (1 + scale_attn) + shift_attn)
-        hidden_states = hidden_states + gate_mlp * self.mlp(self.norm2(hidden_states) * (1 + scale_mlp) + shift_mlp)
+        attention_input = modulated_layer_norm(hidden_states, shift_attn, scale_attn, self.attention_norm_eps)
+        hidden_states = hidden_states + gate_attn * self.attention(attention_input)
+        mlp_input = modulated_layer_norm(hidden_states, shift_mlp, scale_mlp, self.mlp_norm_eps)
+        hidden_states = hidden_states + gate_mlp * self.mlp(mlp_input)
         return hidden_states
 
 

@@ -93,3 +93,42 @@ def test_a_model_cast_to_bfloat16_takes_float32_pixels():
     with torch.no_grad():
         outputs = detector(torch.rand(1, 3, 64, 64) * 2 - 1)
     assert outputs.logits.dtype == torch.bfloat16 and torch.isfinite(outputs.pred_boxes.float()).all()
+
+
+def test_gelu_tanh_is_torchs_tanh_gelu_in_inference_and_in_training():
+    from modeling_dit_detection.modeling_dit_backbone import gelu_tanh
+
+    extremes = torch.tensor([-1e20, -50.0, 0.0, 50.0, 1e20])
+    values = torch.cat([torch.linspace(-12, 12, 4001), torch.randn(4000) * 3, extremes])
+    reference = torch.nn.functional.gelu(values.double(), approximate="tanh")
+    with torch.no_grad():  # float32 on a CPU without gradient: the x sigmoid(2u) form
+        fast = gelu_tanh(values)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast, torch.nn.functional.gelu(values, approximate="tanh"), rtol=2e-6, atol=1e-6)
+
+    tracked = values.clone().requires_grad_()
+    gelu_tanh(tracked).sum().backward()
+    expected = values.clone().requires_grad_()
+    torch.nn.functional.gelu(expected, approximate="tanh").sum().backward()
+    torch.testing.assert_close(tracked.grad, expected.grad, rtol=0, atol=0, equal_nan=True)  # the same kernel
+    with torch.no_grad():  # bfloat16: torch's kernel, which computes in float32 inside
+        halves = values.bfloat16()
+        assert torch.equal(gelu_tanh(halves), torch.nn.functional.gelu(halves, approximate="tanh"))
+
+
+def test_modulated_layer_norm_is_norm_then_dit_modulation_with_gradients():
+    from modeling_dit_detection.modeling_dit_backbone import modulated_layer_norm
+
+    generator = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(shape, generator=generator, dtype=torch.float64).requires_grad_()
+              for shape in [(2, 5, 8), (1, 1, 8), (1, 1, 8)]]
+    hidden, shift, scale = leaves
+    ours = modulated_layer_norm(hidden, shift, scale, eps=1e-6)
+    explicit = torch.nn.functional.layer_norm(hidden, (8,), eps=1e-6) * (1 + scale) + shift  # DiT's models.py
+    torch.testing.assert_close(ours, explicit)
+    weights = torch.randn(2, 5, 8, generator=generator, dtype=torch.float64)
+    ours_grads = torch.autograd.grad((ours * weights).sum(), leaves)
+    explicit_grads = torch.autograd.grad((explicit * weights).sum(), leaves)
+    for got, expected in zip(ours_grads, explicit_grads):
+        torch.testing.assert_close(got, expected)

@@ -246,3 +246,19 @@ def test_mixed_precision_benchmark_compares_both_precisions_from_the_same_weight
     assert 0 <= result["max_score_difference"] < 0.05
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(table) == 3 and "bfloat16 speed-up" in table[0]
+
+
+def test_dit_block_ops_benchmark_times_both_variants_and_restores_the_blocks_ops(capsys):
+    from modeling_dit_detection import modeling_dit_backbone
+
+    dit_block_ops = load_benchmark("dit_block_ops")
+    ops = modeling_dit_backbone.gelu_tanh, modeling_dit_backbone.modulated_layer_norm
+    with dit_block_ops.torch_ops(True):
+        assert modeling_dit_backbone.gelu_tanh is dit_block_ops.torch_gelu_tanh
+    assert (modeling_dit_backbone.gelu_tanh, modeling_dit_backbone.modulated_layer_norm) == ops
+    times = dit_block_ops.main(["--geometries", "small", "--batch-size", "2", "--repeats", "2", "--calls", "1"])
+    assert set(times) == {"small GELU alone", "small modulated norm alone", "small detector inference b2",
+                          "small detector train step b2"}
+    assert all(set(t) == {"block ops", "torch ops"} and all(len(v) == 2 and min(v) > 0 for v in t.values())
+               for t in times.values())
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("| small")]) == 4
