@@ -125,9 +125,10 @@ GELU_TANH_CUBIC = 0.044715
 def gelu_tanh(hidden_states: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation (DiT's MLP activation), elementwise.
 
-    Float32 inference on a CPU computes it as x sigmoid(2u) in place on one new tensor: torch's tanh-GELU CPU kernel
-    takes about 2.2x that time (its tanh is the costly part; `benchmarks/dit_block_ops.py`), and the two agree to
-    float32 rounding. Elsewhere (training, bfloat16, GPUs, where the kernel is a single fused pass) it is torch's.
+    In float32 on a CPU, outside autograd (inference, a frozen backbone), it is x sigmoid(2u) computed in place on one
+    new tensor: torch's tanh-GELU CPU kernel takes about 2.2x that time (its tanh is the costly part;
+    `benchmarks/dit_block_ops.py`), and the two agree to float32 rounding. Where autograd records it, in other dtypes
+    and on GPUs (where torch's kernel is one fused pass) it is torch's kernel.
     """
     if (
         hidden_states.device.type != "cpu"
