@@ -300,9 +300,13 @@ def category_ids(config) -> list[int]:
 
 
 def _load_weights(model_name_or_path: str, config, device: str | torch.device | None, trust_remote_code: bool):
-    """The detector of `model_name_or_path` with `config`, in eval mode on `device` (default: the first available)."""
+    """The detector of `model_name_or_path` with `config`, in eval mode on `device` (default: the first available),
+    its conditioning folded: for inference only, each DiT block holds the constant modulation its adaLN MLP computes
+    (the same outputs; a third fewer weights in DiT-XL/2; README "Performance")."""
     model = _load(AutoModelForObjectDetection.from_pretrained, model_name_or_path, "weights", config=config,
                   trust_remote_code=trust_remote_code)
+    if hasattr(model, "fold_conditioning"):
+        model.fold_conditioning()
     return model.to(torch.device(device) if device is not None else default_device()).eval()
 
 

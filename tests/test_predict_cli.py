@@ -18,7 +18,7 @@ from helpers import tiny_config, worker_env
 import modeling_dit_detection.hub as hub
 from modeling_dit_detection import DiTDetectionImageProcessor, DiTForObjectDetection
 from modeling_dit_detection.hub import push_folder_to_hub
-from modeling_dit_detection.predict import PredictError, cli, predict
+from modeling_dit_detection.predict import PredictError, cli, detect, load_model, predict
 from modeling_dit_detection.predict import main as predict_main
 
 CLASSES = ["circle", "square", "triangle", "cross", "ring"]
@@ -67,6 +67,19 @@ def _predict(folder, *args):
 
 
 # ------------------------------------------------------------------------------------------------- what it writes
+
+
+def test_the_loaded_detector_is_folded_and_detects_as_the_saved_one(folder, tmp_path):
+    model, processor = load_model(str(folder), device="cpu")
+    assert model.config.backbone_config.fold_conditioning and not model.training
+    assert not any("adaln_modulation" in name for name, _ in model.named_parameters())
+    saved = DiTForObjectDetection.from_pretrained(folder).eval()
+    assert not saved.config.backbone_config.fold_conditioning
+    image = PIL.Image.open(_image(tmp_path / "photo.png")).convert("RGB")
+    folded, unfolded = detect(model, processor, [image], 0.0)[0], detect(saved, processor, [image], 0.0)[0]
+    assert len(folded["scores"]) > 0
+    for key in ("scores", "labels", "boxes"):
+        torch.testing.assert_close(folded[key], unfolded[key])
 
 
 def test_predict_cli_writes_one_png_and_one_json_entry_per_image(folder, tmp_path, capsys):
