@@ -1,5 +1,5 @@
-"""What training compute buys: test mAP against training CPU-seconds for our detector and transformers' LW-DETR,
-trained from scratch through the same data pipeline on the built-in "dense-small" layout, at 1x, 2x and 4x a budget.
+"""What training compute buys: test mAP against training CPU-seconds for our detector and transformers' LW-DETR (and
+DETR on our backbone), trained from scratch through the same data pipeline on the built-in "dense-small" layout, at 1x, 2x and 4x a budget.
 
     python benchmarks/quality_per_compute.py --work_dir outputs/quality-per-compute [--unit_cpu_minutes 6] \
         [--budgets 1,2,4] [--models ours,lwdetr] [--seeds 42] [--train_images 1000] [--eval_images 150] \
@@ -14,7 +14,10 @@ Models (random weights, matched as in benchmarks/throughput.py): ours is the "sm
 4 heads, taps 2 and 4, neck scales 2, 1, 0.5, 3-layer deformable decoder with lite box refinement, 4 query groups,
 relative box update, anchors of 3.2 tokens) at 256x256 with pixel patches of 8 (32x32 tokens) and `NUM_QUERIES`
 queries (a dense image has up to 24 objects); LW-DETR is `throughput.lwdetr_config` of that config (the same ViT
-width, depth, heads, patch and taps, our decoder's sizes and query count). Both get the same training:
+width, depth, heads, patch and taps, our decoder's sizes and query count); "detr" is transformers'
+`DetrForObjectDetection` on our DiT backbone (`throughput.detr_config`: its deepest tap, our decoder's sizes and query
+count, no query groups) with `DETR_ENCODER_LAYERS` encoder layers, 0.95x ours' forward FLOPs at 256x256 (its
+softmax scores reach the same COCO evaluation as sigmoid-equivalent logits). All get the same training:
 `DetectionTransform` with the "light" augmentation, batch 8, AdamW lr 1e-3, weight decay 1e-4, 50 warm-up steps
 then cosine, gradient clipping 1.0 (the built-in job's settings), one process, `--threads` threads, no dataloader
 workers.
@@ -29,7 +32,7 @@ counts for one budget; `--seconds_per_step` (JSON, keyed by the table's model na
 "ours" / "lwdetr") skips the calibration and fixes the steps, e.g. to a calibration from an idle machine (each
 result records its `calibrated_seconds_per_step`). A finished run (its `result.json` with the same
 settings) is reused, so the script can be stopped and rerun. `--ours_config` (JSON of `DiTDetectionConfig` fields)
-measures a variant of ours, in run folders named with `--tag`; the LW-DETR runs are shared.
+measures a variant of ours, in run folders named with `--tag`; the peers' runs (LW-DETR, DETR) are shared.
 """
 
 from __future__ import annotations
@@ -56,8 +59,16 @@ TRAINING = {"learning_rate": 1e-3, "weight_decay": 1e-4, "warmup_steps": 50, "ma
 # Ablations that swap one part of ours for LW-DETR's, built and initialised by transformers as in LW-DETR:
 # "ours+lwdetr-vit": its plain ViT backbone (learned positions, layer scale 0.1; same width, depth, heads, patch and
 # taps) in place of the DiT blocks; "ours+lwdetr-projector": its multi-scale projector (per tap resampling, C2f blocks
-# with BatchNorm and SiLU, LayerNorm) in place of our neck. `--ours_config` applies to every model but "lwdetr".
-MODELS = ("ours", "lwdetr", "ours+lwdetr-vit", "ours+lwdetr-projector")
+# with BatchNorm and SiLU, LayerNorm) in place of our neck. `--ours_config` applies to every model but the peers.
+MODELS = ("ours", "lwdetr", "detr", "ours+lwdetr-vit", "ours+lwdetr-projector")
+PEERS = ("lwdetr", "detr")  # built from ours' config as it is, without --ours_config and --tag
+# 2 layers over the deepest tap's 32x32 tokens: 0.95x ours' forward FLOPs (1: 0.82x, 3: 1.09x), by
+# `throughput.forward_flops` at 256x256.
+DETR_ENCODER_LAYERS = 2
+# What the evaluation drops from the models' outputs, leaving (logits, pred_boxes).
+NOT_EVALUATED = ["loss_dict", "auxiliary_outputs", "init_reference_points", "last_hidden_state",
+                 "intermediate_hidden_states", "intermediate_reference_points", "enc_outputs_class",
+                 "enc_outputs_coord_logits", "encoder_last_hidden_state"]
 
 
 def make_data(work_dir: Path, train_images: int, eval_images: int) -> Path:
@@ -72,8 +83,8 @@ def make_data(work_dir: Path, train_images: int, eval_images: int) -> Path:
 
 
 def build_model(name: str, id2label: dict[int, str], category_ids: list[int], overrides: dict | None = None):
-    from throughput import lwdetr_config
-    from transformers import LwDetrForObjectDetection, LwDetrViTBackbone
+    from throughput import detr_config, lwdetr_config
+    from transformers import DetrForObjectDetection, LwDetrForObjectDetection, LwDetrViTBackbone
 
     from modeling_dit_detection import DiTDetectionConfig, DiTForObjectDetection
 
@@ -84,6 +95,8 @@ def build_model(name: str, id2label: dict[int, str], category_ids: list[int], ov
         return DiTForObjectDetection(config), config
     if name == "lwdetr":
         return LwDetrForObjectDetection(lwdetr_config(config)), config
+    if name == "detr":
+        return DetrForObjectDetection(detr_config(config, DETR_ENCODER_LAYERS)), config
     if name == "ours+lwdetr-vit":
         model = DiTForObjectDetection(config)
         model.model.backbone = LwDetrViTBackbone(lwdetr_config(config).backbone_config)
@@ -93,6 +106,14 @@ def build_model(name: str, id2label: dict[int, str], category_ids: list[int], ov
         model.model.neck = LwDetrForObjectDetection(lwdetr_config(config)).model.backbone.projector
         return model, config
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+def sigmoid_logits_of_softmax(logits):
+    """DETR's class logits `[B, Q, C + 1]` (a softmax whose last class is "no object") -> `[B, Q, C]` logits whose
+    sigmoids are its class probabilities: what the evaluator's sigmoid post-processing scores."""
+    import torch
+
+    return torch.logit(logits.float().softmax(-1)[..., :-1], eps=1e-7)
 
 
 def seconds_per_step(model, loader, steps: int) -> float:
@@ -118,7 +139,7 @@ def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, o
             overrides: dict, fixed_seconds_per_step: float | None = None) -> dict:
     """Train `model_name` for `budget_seconds` CPU-seconds (by calibrated step count, or by
     `fixed_seconds_per_step` where given), score the test split. `overrides`: config fields of ours (`{}` for
-    LW-DETR, which `launch` gives none)."""
+    the peers, which `launch` gives none)."""
     import datasets
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
@@ -156,16 +177,18 @@ def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, o
         per_device_eval_batch_size=16, seed=seed, logging_steps=max(1, steps // 20), save_strategy="no",
         eval_strategy="no", report_to="none", remove_unused_columns=False, batch_eval_metrics=True,
         eval_use_gather_object=True, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, **TRAINING)
+    preprocess = evaluator.preprocess
+    if model_name == "detr":
+        def preprocess(outputs, labels=None):
+            return evaluator.preprocess((sigmoid_logits_of_softmax(outputs[0]), outputs[1]), labels)
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate_fn,
-                      compute_metrics=evaluator, preprocess_logits_for_metrics=evaluator.preprocess,
+                      compute_metrics=evaluator, preprocess_logits_for_metrics=preprocess,
                       callbacks=[AugmentationEpoch(transform)])
     started = time.process_time()
     trainer.train()
     train_cpu = time.process_time() - started
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    ignore = list(getattr(model.config, "keys_to_ignore_at_inference", [])) or [
-        "loss_dict", "auxiliary_outputs", "init_reference_points", "last_hidden_state", "intermediate_hidden_states",
-        "intermediate_reference_points", "enc_outputs_class", "enc_outputs_coord_logits"]
+    ignore = sorted({*getattr(model.config, "keys_to_ignore_at_inference", []), *NOT_EVALUATED})
     metrics = trainer.evaluate(test.with_transform(DetectionTransform(processor)), ignore_keys=ignore,
                                metric_key_prefix="test")
     return {"model": model_name, "seed": seed, "budget_cpu_seconds": budget_seconds, "steps": steps,
@@ -179,8 +202,8 @@ def run_one(model_name: str, budget_seconds: float, seed: int, data_dir: Path, o
 
 def launch(model_name: str, budget: float, seed: int, args, data_dir: Path) -> dict:
     """One run in its own process (or its earlier result, when it finished with the same settings)."""
-    overrides = json.loads(args.ours_config) if model_name != "lwdetr" else {}
-    tag = args.tag if model_name != "lwdetr" else ""
+    overrides = json.loads(args.ours_config) if model_name not in PEERS else {}
+    tag = args.tag if model_name not in PEERS else ""
     out_dir = Path(args.work_dir) / "runs" / f"{model_name}{tag}_x{budget:g}_seed{seed}"
     result_file = out_dir / "result.json"
     budget_seconds = budget * args.unit_cpu_minutes * 60

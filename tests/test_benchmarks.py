@@ -183,9 +183,22 @@ def test_quality_per_compute_models_are_matched():
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
     assert 0.8 < count(lwdetr) / count(ours) < 1.25
     with pytest.raises(ValueError, match="unknown model"):
-        quality_per_compute.build_model("detr", id2label, list(range(5)))
+        quality_per_compute.build_model("yolo", id2label, list(range(5)))
     _, variant = quality_per_compute.build_model("ours", id2label, list(range(5)), {"neck_blocks": 1})
     assert variant.neck_blocks == 1 and variant.num_queries == config.num_queries
+
+
+def test_quality_per_compute_detr_is_flop_matched_and_scored_by_its_softmax():
+    id2label = {i: str(i) for i in range(5)}
+    ours, config = quality_per_compute.build_model("ours", id2label, list(range(5)))
+    detr, _ = quality_per_compute.build_model("detr", id2label, list(range(5)))
+    assert detr.config.num_queries == config.num_queries and detr.config.encoder_layers == 2
+    pixels = torch.rand(1, 3, 256, 256) * 2 - 1
+    ratio = throughput.forward_flops(detr.eval(), pixels) / throughput.forward_flops(ours.eval(), pixels)
+    assert 0.9 < ratio < 1.0
+    logits = torch.randn(2, 7, 6) * 5
+    probabilities = logits.softmax(-1)[..., :-1]
+    torch.testing.assert_close(quality_per_compute.sigmoid_logits_of_softmax(logits).sigmoid(), probabilities)
 
 
 def test_quality_per_compute_ablations_swap_one_part_for_lwdetrs():
@@ -235,6 +248,15 @@ def test_quality_per_compute_end_to_end(tmp_path, capsys):
     assert len(table) == 1 + 4
     again = quality_per_compute.main(argv)  # finished runs are reused, not retrained
     assert [r["train_cpu_seconds"] for r in again] == [r["train_cpu_seconds"] for r in results]
+
+
+@pytest.mark.slow  # about half a minute: DETR trains a few steps in a child process and is scored
+def test_quality_per_compute_trains_and_scores_detr(tmp_path):
+    results = quality_per_compute.main(["--work_dir", str(tmp_path), "--unit_cpu_minutes", "0.05", "--budgets", "1",
+                                        "--models", "detr", "--train_images", "8", "--eval_images", "4",
+                                        "--seconds_per_step", '{"detr": 1.5}'])
+    assert [(r["model"], r["steps"]) for r in results] == [("detr", 2)]
+    assert results[0]["train_cpu_seconds"] > 0 and 0 <= results[0]["test_map"] <= 1
 
 
 def test_mixed_precision_benchmark_compares_both_precisions_from_the_same_weights(capsys):
