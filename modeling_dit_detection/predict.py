@@ -33,6 +33,7 @@ import PIL.Image
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL.PngImagePlugin import PngInfo
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection
@@ -214,6 +215,8 @@ def _file_key(path: Path) -> tuple[int, int] | None:
 
 def _written_by_this_tool(path: Path) -> bool:
     """Whether `path` is an annotated PNG or a predictions.json that this tool wrote (it carries the TOOL stamp)."""
+    if not path.is_file():  # reading a FIFO would block; what is no regular file is not ours
+        return False
     try:
         if path.suffix.lower() == ".json":
             info = json.loads(path.read_text()).get("info", {})
@@ -279,9 +282,11 @@ def _load(loader: Callable, model_name_or_path: str, what: str, **kwargs):
     """`loader(model_name_or_path, **kwargs)`, its failure said in terms of --model."""
     try:
         return loader(model_name_or_path, **kwargs)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         where = ("" if os.path.exists(model_name_or_path) else
                  f" There is no folder {model_name_or_path} here ({os.getcwd()}), so it was looked up on the Hub.")
+        if isinstance(error, SafetensorError):
+            where = " (a weights file is truncated or corrupt: save or download it again)"
         raise PredictError(f"Could not load the {what} of --model {model_name_or_path}: {error}{where}") from error
 
 

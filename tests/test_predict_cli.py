@@ -215,12 +215,13 @@ def test_unreadable_files_are_skipped_named_and_counted_and_the_rest_is_written(
     _image(photos / "large.png", (50, 50))
     os.symlink(tmp_path / "gone.png", photos / "dangling.png")
     os.mkfifo(photos / "pipe.jpg")  # opening it would block: it is skipped as not a regular file
+    os.mkfifo(photos / "pipe.png")  # the same, though a .png is first checked for being an earlier run's output
     # PIL refuses images over 2x MAX_IMAGE_PIXELS and warns over 1x: 100 x 100 is refused, 50 x 50 warned about.
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 2000)
     output = tmp_path / "out"
     with caplog.at_level(logging.WARNING):
         coco = _predict(folder, photos, "--output-dir", output, "--batch-size", "2")
-    bad = ["bomb.png", "dangling.png", "pipe.jpg", "text.jpg", "truncated.jpg"]
+    bad = ["bomb.png", "dangling.png", "pipe.jpg", "pipe.png", "text.jpg", "truncated.jpg"]
     assert sorted(image["annotated"] for image in coco["images"]) == ["good.png", "large.png"]
     assert sorted(os.path.basename(entry["file_name"]) for entry in coco["info"]["skipped"]) == bad
     assert json.loads((output / "predictions.json").read_text()) == coco
@@ -230,7 +231,7 @@ def test_unreadable_files_are_skipped_named_and_counted_and_the_rest_is_written(
         assert any(f"Skipping {photos / name}: it cannot be read as an image" in message for message in warnings)
     assert any(str(photos / "large.png") in message and "decompression bomb" in message for message in warnings)
     summary = capsys.readouterr().out
-    assert "detections in 2 images" in summary and "skipped 5 files that could not be read" in summary
+    assert "detections in 2 images" in summary and "skipped 6 files that could not be read" in summary
     assert all(str(photos / name) in summary for name in bad)
 
 
@@ -270,6 +271,17 @@ def test_a_missing_or_incomplete_model_folder_is_the_first_error(folder, tmp_pat
         with pytest.raises(PredictError, match=f"--model.*{model}.*{message}"):
             # The inputs are missing too: the model is checked first.
             predict_main(["--model", str(model), str(tmp_path / "nope.png"), "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_weights_file_is_a_predict_error_naming_the_model(folder, tmp_path):
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for source in folder.iterdir():
+        (truncated / source.name).write_bytes(source.read_bytes())
+    (truncated / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(PredictError, match=f"Could not load the weights of --model {truncated}: .*truncated or corrupt"):
+        _predict(truncated, _photos(tmp_path, "x.png"), "--output-dir", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
