@@ -110,6 +110,13 @@ def test_bbox_formats_give_the_same_labels(bbox_format, convert):
     assert id2label == dict(enumerate(NAMES)) and _labels(splits) == _expected()
 
 
+def test_pixel_boxes_read_as_yolo_are_an_error_naming_the_record():
+    with pytest.raises(ValueError, match=r"Split 'train', row 0, image_id 0, object 0: bbox \[2.0, 3.0, 10.0, 8.0\] "
+                                         r"is not in YOLO's fractions .* are the boxes pixels\? Give the data's "
+                                         "--bbox_format"):
+        prepare_detection_dataset(_cppe5(), bbox_format="yolo", validation_split_percentage=0)
+
+
 def test_string_categories_give_sorted_names():
     splits, id2label, category_ids = prepare_detection_dataset(_cppe5(categories_as_strings=True),
                                                                validation_split_percentage=0)

@@ -61,6 +61,9 @@ _UNDECODED_FEATURES = Features({**CANONICAL_FEATURES, "image": Image(decode=Fals
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
 SPLITS = ("train", "validation", "test")
 BBOX_FORMATS = ("coco", "pascal_voc", "yolo")
+# A YOLO value (a fraction of the image size, 0..1) further than this from 0.5 cannot describe a box that touches the
+# image: the boxes are in pixels. Boxes a little outside are clipped by the data check, as in the other formats.
+YOLO_LIMIT = 1.0
 # Images with a side under this many pixels are bad images (an error, or skipped with --skip_bad_images): they hold
 # nothing a detector can learn, and torchvision's RandomIoUCrop divides by a crop side that rounds to 0 pixels on them
 # (ZeroDivisionError at a random training step; below 4 pixels at its min_scale 0.3). 8 leaves a margin.
@@ -443,7 +446,12 @@ def canonical_record(example: dict, index: int, split: str, bbox_format: str, ke
         if box is None or len(box) != 4:
             raise ValueError(f"Split {split!r}, row {index}, image_id {example.get('image_id', index)}, "
                              f"object {j}: bbox must be 4 numbers, got {box!r}.")
-        boxes.append(_to_coco([math.nan if v is None else float(v) for v in box], bbox_format, width, height))
+        values = [math.nan if v is None else float(v) for v in box]
+        if bbox_format == "yolo" and any(abs(v - 0.5) > YOLO_LIMIT for v in values if math.isfinite(v)):
+            raise ValueError(f"Split {split!r}, row {index}, image_id {example.get('image_id', index)}, object {j}: "
+                             f"bbox {box!r} is not in YOLO's fractions of the image size (0..1): are the boxes "
+                             "pixels? Give the data's --bbox_format (coco: x, y, w, h; pascal_voc: x0, y0, x1, y1).")
+        boxes.append(_to_coco(values, bbox_format, width, height))
     categories = objects.get(key) or []
     ids = (objects.get("id") or []) if ids is None else ids
     image_id = example.get("image_id", index)
@@ -568,6 +576,15 @@ def clean_split(dataset: Dataset, num_labels: int, split: str, report: DataRepor
         checked = checked.select(keep)
     checked = _unique_image_ids(checked.remove_columns("_issues"), split, report)
     return checked.cast_column("image", Image())
+
+
+def count_targets(dataset: Dataset) -> int:
+    """Training targets (boxes that are not crowd regions) in a checked split; images are not decoded."""
+    total = 0
+    for objects in dataset.select_columns(["objects"])["objects"]:
+        crowd = objects.get("iscrowd") or [0] * len(objects["bbox"])
+        total += len(crowd) - sum(bool(c) for c in crowd)
+    return total
 
 
 def check_object_counts(dataset: Dataset, num_queries: int, split: str) -> int:
