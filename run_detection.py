@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -34,6 +35,7 @@ from modeling_dit_detection.training.data import (
     _canonicalize,
     check_object_counts,
     clean_split,
+    count_targets,
     coco_ground_truth,
     collate_fn,
     load_detection_dataset,
@@ -43,11 +45,13 @@ from modeling_dit_detection.training.data import (
 )
 from modeling_dit_detection.hub import push_folder_to_hub
 from modeling_dit_detection.training.model_card import TrainingSummary, render_model_card
-from modeling_dit_detection.training.recipes import StagePlan, check_config_overrides, load_detector, plan_stages
+from modeling_dit_detection.training.recipes import (StagePlan, check_config_overrides, check_weights_files,
+                                                     load_detector, plan_stages)
 from modeling_dit_detection.predict import detect
 from modeling_dit_detection.training.synthetic_data import SYNTHETIC_LAYOUTS, make_synthetic_detection_dataset
 from modeling_dit_detection.training.feature_cache import FeatureCaching
-from modeling_dit_detection.training.stages import (prepare_output_dir, remove_stage_one_model, train_in_stages,
+from modeling_dit_detection.training.stages import (check_unfreeze_last_blocks, prepare_output_dir,
+                                                    remove_stage_one_model, train_in_stages,
                                                     unwrapped_copy, wraps_model_in_place)
 from modeling_dit_detection.training.streaming import (
     DEFAULT_MAX_EVAL_SAMPLES,
@@ -292,6 +296,10 @@ def prepare_data(data_args: DataArguments, training_args: TrainingArguments) -> 
                                          num_proc=data_args.preprocessing_num_workers)
     logger.info("Data check:\n%s", report.summary())
     refuse_empty_splits(dataset, report, "train or evaluate")
+    if "train" in dataset and count_targets(dataset["train"]) == 0:
+        raise ValueError(f"The 'train' split has no object to learn from after the data check ({len(dataset['train'])} "
+                         "images; no box that is not a crowd region): check that the annotations belong to these "
+                         f"images (their image_id) and the boxes' --bbox_format.\n{report.summary()}")
     return PreparedData(dataset, id2label, category_ids, report, name)
 
 
@@ -335,6 +343,57 @@ def streamed_train_set(data: PreparedData, data_args: DataArguments, training_ar
     return StreamedTrainSet(part, transform, len(data.id2label), data_args.bbox_format, data.category_key,
                             data.held_out, data_args.skip_bad_images, training_args.process_index,
                             training_args.world_size)
+
+
+def check_data_source_arguments(data_args: DataArguments) -> None:
+    """Refuse options that the chosen data source would ignore, e.g. --image_dir without --coco_annotations (which
+    would train on the built-in shapes instead of the user's images)."""
+    defaults = DataArguments()
+    given = {name for name in ("dataset_config_name", "image_dir", "bbox_format", "validation_split_percentage",
+                               "synthetic_train_size", "synthetic_eval_size", "synthetic_layout")
+             if getattr(data_args, name) != getattr(defaults, name)}
+    if data_args.coco_annotations:
+        source, used = "--coco_annotations", {"image_dir", "bbox_format", "validation_split_percentage"}
+    elif data_args.dataset_name:
+        source, used = "--dataset_name", {"dataset_config_name", "bbox_format", "validation_split_percentage"}
+    else:
+        source = "the built-in synthetic data (no --dataset_name or --coco_annotations given)"
+        used = {"synthetic_train_size", "synthetic_eval_size", "synthetic_layout"}
+    ignored = sorted(given - used)
+    if ignored:
+        raise ValueError(f"{', '.join(f'--{name}' for name in ignored)} would be ignored with {source}: --image_dir "
+                         "goes with --coco_annotations, --dataset_config_name with --dataset_name, --bbox_format and "
+                         "--validation_split_percentage with either, --synthetic_* with the built-in data. Leave them "
+                         "out, or give the data they describe.")
+
+
+def check_optimisation_arguments(training_args: TrainingArguments) -> None:
+    """Refuse, before any data is read, Trainer options whose value cannot train: transformers accepts some of them
+    and fails later (a zero division, weights turned NaN by the first step) or silently changes the run."""
+    def number(flag: str, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
+        value = getattr(training_args, flag)
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (math.isfinite(value) and above and below):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ValueError(f"--{flag} must be a finite number in {interval}, got {value}.")
+
+    number("weight_decay", 0)
+    number("adam_beta1", 0, 1, high_open=True)
+    number("adam_beta2", 0, 1, high_open=True)
+    number("adam_epsilon", 0, low_open=True)
+    number("max_grad_norm", 0)  # 0: no clipping
+    if training_args.gradient_accumulation_steps < 1:
+        raise ValueError(f"--gradient_accumulation_steps must be >= 1, got {training_args.gradient_accumulation_steps}.")
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise ValueError(f"--max_steps must be a positive number of optimiser steps, or -1 (the default) to train "
+                         f"for --num_train_epochs; got {training_args.max_steps}.")
+    for kind in ("save", "eval", "logging"):
+        strategy = getattr(training_args, f"{kind}_strategy")
+        steps = getattr(training_args, f"{kind}_steps")
+        if str(getattr(strategy, "value", strategy)) == "steps" and not (steps is None or steps > 0):
+            raise ValueError(f"--{kind}_steps must be positive with --{kind}_strategy steps, got {steps}"
+                             + (": no checkpoint would be saved before the end of the run." if kind == "save" else "."))
 
 
 def check_sample_limits(data_args: DataArguments) -> None:
@@ -453,9 +512,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
         training_args: TrainingArguments, callbacks=()) -> dict:
     """The whole job; returns the metrics also written to all_results.json. `callbacks` go to every stage's Trainer."""
     overrides = model_overrides(model_args)  # argument errors first, before any data or model is loaded
+    check_data_source_arguments(data_args)
+    check_optimisation_arguments(training_args)
     stage_plan(stage_args, training_args, pretrained_backbone=model_args.model_name_or_path is not None)
     check_feature_cache_arguments(stage_args)
     check_sample_limits(data_args)
+    check_weights_files(model_args.model_name_or_path)
     if data_args.streaming:
         check_streaming_arguments(data_args.dataset_name, data_args.coco_annotations, training_args.max_steps,
                                   training_args.eval_strategy, training_args.save_strategy)
@@ -478,6 +540,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
                              fold_conditioning=model_args.fold_conditioning, token=training_args.hub_token,
                              image_sizes=list(zip(known["height"], known["width"])))
     model, base_model = detector.model, model_args.model_name_or_path
+    check_unfreeze_last_blocks(model, stage_args.unfreeze_last_blocks)
     check_object_counts(known, model.config.num_queries, "validation" if streaming else "train")  # objects beyond num_queries are never matched
     processor = DiTDetectionImageProcessor(size=dict(zip(("height", "width"), model.config.image_size)),
                                            size_divisor=model.config.backbone_stride)

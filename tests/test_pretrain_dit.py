@@ -18,8 +18,9 @@ pretrain_dit = load_pretrain_dit()
 
 # A run of a few seconds: the "tiny" preset (hidden 32, depth 4, patch 4, pixel space) on 32 x 32 images, 16 built-in
 # training images in batches of 8, no samples unless asked for.
-TINY = ["--model_preset", "tiny", "--image_size", "32", "--synthetic_train_size", "16", "--train_batch_size", "8",
-        "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--logging_steps", "5", "--num_samples", "0"]
+TINY_MODEL = ["--model_preset", "tiny", "--image_size", "32", "--train_batch_size", "8", "--learning_rate", "1e-3",
+              "--lr_warmup_steps", "0", "--logging_steps", "5", "--num_samples", "0"]
+TINY = [*TINY_MODEL, "--synthetic_train_size", "16"]  # on the built-in shapes
 
 
 def pretrain(*argv):
@@ -224,7 +225,7 @@ def test_a_detection_dataset_gives_the_images_of_run_detections_train_split(tmp_
     dataset, name = pretrain_dit.load_images(pretrain_dit.DataArguments(dataset_name=str(tmp_path / "data")), seed=42)
     assert name == str(tmp_path / "data") and len(dataset) == len(splits["train"]) == 17  # 15 % (3) held out
     assert dataset["image"][0].tobytes() == splits["train"][0]["image"].tobytes()
-    results = pretrain(*TINY, "--dataset_name", tmp_path / "data", "--max_train_steps", 2, "--output_dir",
+    results = pretrain(*TINY_MODEL, "--dataset_name", tmp_path / "data", "--max_train_steps", 2, "--output_dir",
                        tmp_path / "out")
     assert results["images"] == 17
 
@@ -244,6 +245,13 @@ def _make_folder(path, files=()):
     (["--ema_decay", "1.5"], r"--ema_decay must lie in \[0, 1\]"),
     (["--model_name_or_path", "x"], "not both"),
     (["--resume_from_checkpoint", "latest"], "no complete checkpoint .* nothing to resume"),
+    (["--weight_decay", "nan"], "--weight_decay must be a finite number >= 0, got nan"),
+    # options of data that is not given: the run would pretrain on the built-in shapes instead of the user's images
+    (["--image_dir", "images"], "--image_dir would be ignored with the built-in synthetic shapes"),
+    (["--image_folder", "photos", "--bbox_format", "yolo"],
+     "--bbox_format, --synthetic_train_size would be ignored with --image_folder"),
+    (["--dataset_name", "cppe-5", "--image_dir", "images"], "--image_dir, --synthetic_train_size would be ignored "
+                                                           "with --dataset_name"),
 ])
 def test_bad_arguments_are_refused_before_any_data_is_read(tmp_path, monkeypatch, extra, message):
     monkeypatch.setattr(pretrain_dit, "load_images", lambda *a: pytest.fail("data loaded before the check"))
@@ -251,6 +259,11 @@ def test_bad_arguments_are_refused_before_any_data_is_read(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=message):
         pretrain(*argv)
     assert not (tmp_path / "out").exists()
+
+
+def test_report_to_none_means_no_tracker_as_in_run_detection(tmp_path):
+    results = pretrain(*TINY, "--max_train_steps", 1, "--report_to", "none", "--output_dir", tmp_path / "out")
+    assert results["steps"] == 1 and not (tmp_path / "out" / "logs").exists()
 
 
 def test_a_non_empty_output_folder_is_refused_without_overwrite(tmp_path):
@@ -264,12 +277,12 @@ def test_a_non_empty_output_folder_is_refused_without_overwrite(tmp_path):
 def test_an_empty_or_undecodable_image_folder_is_an_error(tmp_path):
     empty = _make_folder(tmp_path / "empty", [("readme.txt", b"no images")])
     with pytest.raises(ValueError, match="holds no image files"):
-        pretrain(*TINY, "--image_folder", empty, "--output_dir", tmp_path / "a")
+        pretrain(*TINY_MODEL, "--image_folder", empty, "--output_dir", tmp_path / "a")
     broken = _make_folder(tmp_path / "broken", [("a.png", b"not a png"), ("b.jpg", b"\xff\xd8 truncated")])
     with pytest.raises(ValueError, match=r"train row 0 \(.*a.png\): cannot decode the image"):
-        pretrain(*TINY, "--image_folder", broken, "--output_dir", tmp_path / "b")
+        pretrain(*TINY_MODEL, "--image_folder", broken, "--output_dir", tmp_path / "b")
     with pytest.raises(ValueError, match=r"No images to pretrain on in .*broken \(every one was undecodable"):
-        pretrain(*TINY, "--image_folder", broken, "--skip_bad_images", "true", "--output_dir", tmp_path / "c")
+        pretrain(*TINY_MODEL, "--image_folder", broken, "--skip_bad_images", "true", "--output_dir", tmp_path / "c")
 
 
 def test_an_image_folder_of_any_sizes_trains(tmp_path):
@@ -277,7 +290,7 @@ def test_an_image_folder_of_any_sizes_trains(tmp_path):
     for index, size in enumerate([(40, 30), (64, 64), (100, 20)]):
         PIL.Image.new("RGB" if index else "L", size, (index * 80,) * (3 if index else 1)).save(folder / f"{index}.png")
     (folder / "broken.jpg").write_bytes(b"nope")
-    results = pretrain(*TINY, "--image_folder", tmp_path / "images", "--skip_bad_images", "true",
+    results = pretrain(*TINY_MODEL, "--image_folder", tmp_path / "images", "--skip_bad_images", "true",
                        "--max_train_steps", 2, "--output_dir", tmp_path / "out")
     assert results["images"] == 3 and results["steps"] == 2
 

@@ -303,6 +303,21 @@ def test_the_recipe_follows_whether_the_backbone_is_pretrained():
     (["--image_size", "64x64"], "--image_size must be 'SIDE' or 'HEIGHT,WIDTH'"),
     (["--out_indices", "a,b"], "--out_indices must be comma-separated stage numbers"),
     (["--feature_cache_dir", "features"], "give --cache_frozen_features true as well"),
+    # options of data that is not given: the run would train on the built-in shapes instead of the user's images
+    (["--image_dir", "images"], "--image_dir would be ignored with the built-in synthetic data"),
+    (["--bbox_format", "yolo", "--validation_split_percentage", "0.2"],
+     "--bbox_format, --validation_split_percentage would be ignored with the built-in"),
+    (["--dataset_name", "cppe-5", "--image_dir", "images"], "--image_dir, --synthetic_eval_size, --synthetic_train_size "
+                                                           "would be ignored with --dataset_name"),
+    # Trainer options that transformers accepts and that cannot train
+    (["--weight_decay", "nan"], r"--weight_decay must be a finite number in \[0, inf\], got nan"),
+    (["--adam_beta2", "1"], r"--adam_beta2 must be a finite number in \[0, 1\)"),
+    (["--adam_epsilon", "0"], r"--adam_epsilon must be a finite number in \(0, inf\]"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm must be a finite number"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1"),
+    (["--max_steps", "0"], "--max_steps must be a positive number of optimiser steps, or -1"),
+    (["--save_strategy", "steps", "--save_steps", "0"], "--save_steps must be positive with --save_strategy steps"),
+    (["--eval_strategy", "steps", "--eval_steps", "-5"], "--eval_steps must be positive with --eval_strategy steps"),
 ])
 def test_bad_arguments_are_refused_before_any_data_is_loaded(tmp_path, monkeypatch, argv, message):
     def no_data(*args, **kwargs):
@@ -311,6 +326,33 @@ def test_bad_arguments_are_refused_before_any_data_is_loaded(tmp_path, monkeypat
     monkeypatch.setattr(run_detection, "load_data", no_data)
     with pytest.raises(ValueError, match=message):
         _run([*SMALL_JOB, "--output_dir", str(tmp_path / "out"), *argv])
+
+
+def test_a_truncated_weights_file_is_refused_before_any_data_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_detection, "load_data", lambda *a, **k: pytest.fail("data loaded before the check"))
+    DiTForObjectDetection(DiTDetectionConfig.from_preset("tiny")).save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file .* truncated or "
+                                         "corrupt; save or download it again"):
+        _run([*SMALL_JOB, "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_a_train_split_without_objects_is_an_error_and_unfreezing_more_blocks_than_the_dit_runs_too(tmp_path):
+    images = _coco_images(tmp_path, [1, 2, 3], seed=0)
+    coco = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "triangle"}]}
+    (tmp_path / "train.json").write_text(json.dumps(coco))
+    (tmp_path / "val.json").write_text(json.dumps({**coco, "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 50], "area": 2500, "iscrowd": 0}]}))
+    data = ["--model_preset", "tiny", "--coco_annotations", f"train={tmp_path / 'train.json'},validation="
+            f"{tmp_path / 'val.json'}", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    with pytest.raises(ValueError, match=r"The 'train' split has no object to learn from after the data check "
+                                         r"\(3 images; no box that is not a crowd region\)"):
+        _run(data)
+    (tmp_path / "train.json").write_text((tmp_path / "val.json").read_text())
+    with pytest.raises(ValueError, match=r"--unfreeze_last_blocks 9: the DiT runs 4 blocks \(up to its deepest tap\); "
+                                         "give 1 to 4"):
+        _run([*data, "--unfreeze_last_blocks", "9"])
 
 
 def test_coco_split_options_are_parsed_or_refused():

@@ -10,8 +10,12 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
 
 from ..configuration_dit_detection import BACKBONE_ARGUMENTS, DiTDetectionConfig
 from ..convert_diffusers_dit import checkpoint_kind
@@ -112,6 +116,23 @@ class LoadedDetector:
     model: DiTForObjectDetection
     source_kind: str
     pretrained_backbone: bool
+
+
+def check_weights_files(source: str | None) -> None:
+    """For a local checkpoint folder (a saved detector, or a diffusers pipeline with transformer/ and vae/): every
+    safetensors file opens, its header and size consistent (nothing else is read). A truncated or corrupt file is an
+    error naming it, before any data is read."""
+    if source is None or not os.path.isdir(source):
+        return
+    folder = Path(source)
+    for path in sorted([*folder.glob("*.safetensors"), *folder.glob("transformer/*.safetensors"),
+                        *folder.glob("vae/*.safetensors")]):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"--model_name_or_path {source}: {path} is not a readable safetensors file ({error}): it "
+                             "is truncated or corrupt; save or download it again.") from error
 
 
 def load_detector(source: str | None, id2label: dict[int, str], preset: str = "small", overrides: dict | None = None,

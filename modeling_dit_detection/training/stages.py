@@ -48,6 +48,14 @@ def set_trainable(model: nn.Module, train_backbone: bool, unfreeze_last_blocks: 
     freeze_vae(model)
 
 
+def check_unfreeze_last_blocks(model: nn.Module, unfreeze_last_blocks: int | None) -> None:
+    """`--unfreeze_last_blocks` cannot name more blocks than the backbone runs."""
+    num_blocks = len(_backbone(model).layers)
+    if unfreeze_last_blocks is not None and unfreeze_last_blocks > num_blocks:
+        raise ValueError(f"--unfreeze_last_blocks {unfreeze_last_blocks}: the DiT runs {num_blocks} blocks (up to its "
+                         f"deepest tap); give 1 to {num_blocks}, or leave the flag out to train the whole DiT.")
+
+
 def count_trainable(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
 
