@@ -42,6 +42,7 @@ from modeling_dit_detection.training.data import (
     make_train_augmentation,
     prepare_detection_dataset,
     processor_size,
+    warn_if_most_boxes_dropped,
 )
 from modeling_dit_detection.hub import push_folder_to_hub
 from modeling_dit_detection.training.model_card import TrainingSummary, render_model_card
@@ -296,6 +297,8 @@ def prepare_data(data_args: DataArguments, training_args: TrainingArguments) -> 
                                          num_proc=data_args.preprocessing_num_workers)
     logger.info("Data check:\n%s", report.summary())
     refuse_empty_splits(dataset, report, "train or evaluate")
+    for split in dataset:
+        warn_if_most_boxes_dropped(dataset[split], split, report)
     if "train" in dataset and count_targets(dataset["train"]) == 0:
         raise ValueError(f"The 'train' split has no object to learn from after the data check ({len(dataset['train'])} "
                          "images; no box that is not a crowd region): check that the annotations belong to these "

@@ -4,6 +4,7 @@ the records keep what COCO evaluation reads (crowd regions, areas, the source's 
 
 import io
 import json
+import logging
 import math
 
 import datasets
@@ -23,6 +24,7 @@ from modeling_dit_detection.training.data import (
     load_detection_dataset,
     make_train_augmentation,
     prepare_detection_dataset,
+    warn_if_most_boxes_dropped,
 )
 
 NAMES = ["cat", "dog", "fish"]
@@ -115,6 +117,20 @@ def test_pixel_boxes_read_as_yolo_are_an_error_naming_the_record():
                                          r"is not in YOLO's fractions .* are the boxes pixels\? Give the data's "
                                          "--bbox_format"):
         prepare_detection_dataset(_cppe5(), bbox_format="yolo", validation_split_percentage=0)
+
+
+def test_coco_boxes_read_as_pascal_voc_are_mostly_dropped_and_warned_about(caplog):
+    records = [((40, 30), [[20.0, 10.0, 15.0, 12.0], [30.0, 20.0, 5.0, 5.0], [2.0, 3.0, 10.0, 8.0]], [0, 1, 2])]
+    splits, _, _ = prepare_detection_dataset(_cppe5(records), bbox_format="pascal_voc", validation_split_percentage=0)
+    report = DataReport()
+    checked = clean_split(splits["train"], len(NAMES), "train", report)
+    assert report.counts[("train", "box_empty")] == 2 and len(checked[0]["objects"]["bbox"]) == 1
+    with caplog.at_level(logging.WARNING):
+        assert warn_if_most_boxes_dropped(checked, "train", report)
+    assert "dropped 2 of the train split's 3 boxes" in caplog.text and "is --bbox_format the data's" in caplog.text
+    as_coco, _, _ = prepare_detection_dataset(_cppe5(records), validation_split_percentage=0)
+    report = DataReport()
+    assert not warn_if_most_boxes_dropped(clean_split(as_coco["train"], len(NAMES), "train", report), "train", report)
 
 
 def test_string_categories_give_sorted_names():

@@ -587,6 +587,24 @@ def count_targets(dataset: Dataset) -> int:
     return total
 
 
+# What the data check drops of a box (the others fix it or only count it).
+DROPPED_BOX_ISSUES = ("box_empty", "box_outside", "box_non_finite")
+
+
+def warn_if_most_boxes_dropped(dataset: Dataset, split: str, report: DataReport) -> bool:
+    """Warn when the data check dropped more boxes of a checked split than it kept: what a wrong `--bbox_format`
+    does (pascal_voc corners read as COCO sizes, or COCO sizes as corners, give boxes of negative or zero size).
+    Returns whether it warned."""
+    dropped = sum(report.counts[(split, issue)] for issue in DROPPED_BOX_ISSUES)
+    kept = sum(len(objects["bbox"]) for objects in dataset.select_columns(["objects"])["objects"])
+    if dropped <= kept:
+        return False
+    logger.warning("The data check dropped %d of the %s split's %d boxes (empty, outside the image or not finite; "
+                   "kept %d): is --bbox_format the data's (coco: x, y, w, h; pascal_voc: x0, y0, x1, y1; yolo: "
+                   "cx, cy, w, h fractions)?", dropped, split, dropped + kept, kept)
+    return True
+
+
 def check_object_counts(dataset: Dataset, num_queries: int, split: str) -> int:
     """Warn if images of a checked split have more training targets than the model has queries (`num_queries`): each
     query matches at most one object, so the surplus is never learned. Crowd regions are not targets and do not count.
