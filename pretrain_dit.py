@@ -191,6 +191,7 @@ def parse_arguments(argv: list[str]):
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: PretrainingArguments) -> None:
     """Refuse values that make no sense, naming the option, before any model or data is loaded."""
+    from modeling_dit_detection.training.data import check_data_source_options
     from modeling_dit_detection.training.diffusion import preset_backbone
 
     if model_args.model_name_or_path and model_args.model_preset:
@@ -203,7 +204,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: 
                          "(its sample_size x the VAE's downsampling).")
     if data_args.image_folder and (data_args.dataset_name or data_args.coco_annotations):
         raise ValueError("Give --image_folder or a detection dataset (--dataset_name / --coco_annotations), not both.")
-    check_data_source_arguments(data_args)
+    # --image_folder reads none of the detection data options; the built-in shapes read --synthetic_train_size
+    check_data_source_options(data_args, DataArguments(), {"synthetic_train_size"}, {"image_folder": set()})
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "logging_steps",
                  "checkpointing_steps", "sample_inference_steps"):
         if getattr(args, name) < 1:
@@ -224,28 +226,6 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: 
         raise ValueError(f"--max_grad_norm must be a positive number, got {args.max_grad_norm}.")
     if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
         raise ValueError(f"--weight_decay must be a finite number >= 0, got {args.weight_decay}.")
-
-
-def check_data_source_arguments(data_args: DataArguments) -> None:
-    """Refuse options that the chosen image source would ignore, e.g. --image_dir without --coco_annotations (which
-    would pretrain on the built-in shapes instead of the user's images)."""
-    defaults = DataArguments()
-    given = {name for name in ("dataset_config_name", "image_dir", "bbox_format", "validation_split_percentage",
-                               "synthetic_train_size") if getattr(data_args, name) != getattr(defaults, name)}
-    if data_args.coco_annotations:
-        source, used = "--coco_annotations", {"image_dir", "bbox_format", "validation_split_percentage"}
-    elif data_args.dataset_name:
-        source, used = "--dataset_name", {"dataset_config_name", "bbox_format", "validation_split_percentage"}
-    elif data_args.image_folder:
-        source, used = "--image_folder", set()
-    else:
-        source, used = "the built-in synthetic shapes (no data option given)", {"synthetic_train_size"}
-    ignored = sorted(given - used)
-    if ignored:
-        raise ValueError(f"{', '.join(f'--{name}' for name in ignored)} would be ignored with {source}: --image_dir "
-                         "goes with --coco_annotations, --dataset_config_name with --dataset_name, --bbox_format and "
-                         "--validation_split_percentage with either, --synthetic_train_size with the built-in shapes. "
-                         "Leave them out, or give the data they describe.")
 
 
 def resume_checkpoint(args: PretrainingArguments) -> Path | None:

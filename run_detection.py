@@ -33,6 +33,7 @@ from modeling_dit_detection.training.data import (
     DataReport,
     DetectionTransform,
     _canonicalize,
+    check_data_source_options,
     check_object_counts,
     clean_split,
     count_targets,
@@ -96,6 +97,8 @@ TRAINING_DEFAULTS = {
     "seed": 42,
     "dataloader_pin_memory": torch.cuda.is_available(),
 }
+# The data options of the built-in synthetic data (refused with a dataset, which would ignore them).
+BUILT_IN_DATA_OPTIONS = {"synthetic_train_size", "synthetic_eval_size", "synthetic_layout"}
 # With --streaming: a stream has no epochs, so evaluation and checkpoints go by steps.
 STREAMING_DEFAULTS = {"eval_strategy": "steps", "save_strategy": "steps", "eval_steps": 500, "save_steps": 500}
 
@@ -348,28 +351,6 @@ def streamed_train_set(data: PreparedData, data_args: DataArguments, training_ar
                             training_args.world_size)
 
 
-def check_data_source_arguments(data_args: DataArguments) -> None:
-    """Refuse options that the chosen data source would ignore, e.g. --image_dir without --coco_annotations (which
-    would train on the built-in shapes instead of the user's images)."""
-    defaults = DataArguments()
-    given = {name for name in ("dataset_config_name", "image_dir", "bbox_format", "validation_split_percentage",
-                               "synthetic_train_size", "synthetic_eval_size", "synthetic_layout")
-             if getattr(data_args, name) != getattr(defaults, name)}
-    if data_args.coco_annotations:
-        source, used = "--coco_annotations", {"image_dir", "bbox_format", "validation_split_percentage"}
-    elif data_args.dataset_name:
-        source, used = "--dataset_name", {"dataset_config_name", "bbox_format", "validation_split_percentage"}
-    else:
-        source = "the built-in synthetic data (no --dataset_name or --coco_annotations given)"
-        used = {"synthetic_train_size", "synthetic_eval_size", "synthetic_layout"}
-    ignored = sorted(given - used)
-    if ignored:
-        raise ValueError(f"{', '.join(f'--{name}' for name in ignored)} would be ignored with {source}: --image_dir "
-                         "goes with --coco_annotations, --dataset_config_name with --dataset_name, --bbox_format and "
-                         "--validation_split_percentage with either, --synthetic_* with the built-in data. Leave them "
-                         "out, or give the data they describe.")
-
-
 def check_optimisation_arguments(training_args: TrainingArguments) -> None:
     """Refuse, before any data is read, Trainer options whose value cannot train: transformers accepts some of them
     and fails later (a zero division, weights turned NaN by the first step) or silently changes the run."""
@@ -515,7 +496,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, stage_args: StageA
         training_args: TrainingArguments, callbacks=()) -> dict:
     """The whole job; returns the metrics also written to all_results.json. `callbacks` go to every stage's Trainer."""
     overrides = model_overrides(model_args)  # argument errors first, before any data or model is loaded
-    check_data_source_arguments(data_args)
+    check_data_source_options(data_args, DataArguments(), BUILT_IN_DATA_OPTIONS)
     check_optimisation_arguments(training_args)
     stage_plan(stage_args, training_args, pretrained_backbone=model_args.model_name_or_path is not None)
     check_feature_cache_arguments(stage_args)

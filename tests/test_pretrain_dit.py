@@ -247,7 +247,7 @@ def _make_folder(path, files=()):
     (["--resume_from_checkpoint", "latest"], "no complete checkpoint .* nothing to resume"),
     (["--weight_decay", "nan"], "--weight_decay must be a finite number >= 0, got nan"),
     # options of data that is not given: the run would pretrain on the built-in shapes instead of the user's images
-    (["--image_dir", "images"], "--image_dir would be ignored with the built-in synthetic shapes"),
+    (["--image_dir", "images"], "--image_dir would be ignored with the built-in synthetic data"),
     (["--image_folder", "photos", "--bbox_format", "yolo"],
      "--bbox_format, --synthetic_train_size would be ignored with --image_folder"),
     (["--dataset_name", "cppe-5", "--image_dir", "images"], "--image_dir, --synthetic_train_size would be ignored "

@@ -78,6 +78,32 @@ _ROTATED_ORIENTATIONS = (5, 6, 7, 8)
 # 1. Loading
 # ----------------------------------------------------------------------------------------------------------------
 
+# The data options each source reads; the built-in synthetic data reads the scripts' own `--synthetic_*` options.
+SOURCE_OPTIONS = {"coco_annotations": {"image_dir", "bbox_format", "validation_split_percentage"},
+                  "dataset_name": {"dataset_config_name", "bbox_format", "validation_split_percentage"}}
+
+
+def check_data_source_options(data_args, defaults, built_in_options: set[str],
+                              other_sources: dict[str, set[str]] | None = None) -> None:
+    """Refuse data options that the chosen source would ignore, e.g. --image_dir without --coco_annotations (the run
+    would use the built-in synthetic data instead of the user's images). `data_args`: a script's data arguments,
+    `defaults` the same dataclass unchanged (an option differing from its default was given); the source is the first
+    of --coco_annotations, --dataset_name and `other_sources` (option -> the options it reads) that is set, else the
+    built-in data, which reads `built_in_options`."""
+    sources = {**SOURCE_OPTIONS, **(other_sources or {})}
+    options = set(built_in_options).union(*sources.values())
+    given = {name for name in options if getattr(data_args, name) != getattr(defaults, name)}
+    chosen = next((flag for flag in sources if getattr(data_args, flag)), None)
+    used = sources[chosen] if chosen else set(built_in_options)
+    ignored = sorted(given - used)
+    if ignored:
+        source = f"--{chosen}" if chosen else "the built-in synthetic data (no data option given)"
+        raise ValueError(f"{', '.join(f'--{name}' for name in ignored)} would be ignored with {source}: --image_dir "
+                         "goes with --coco_annotations, --dataset_config_name with --dataset_name, --bbox_format and "
+                         "--validation_split_percentage with either, --synthetic_* with the built-in data. Leave them "
+                         "out, or give the data they describe.")
+
+
 def load_detection_dataset(dataset_name: str | None = None, dataset_config_name: str | None = None,
                            coco_annotations: dict[str, str] | None = None,
                            image_dir: str | dict[str, str] | None = None,
