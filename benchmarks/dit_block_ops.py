@@ -20,12 +20,11 @@ import argparse
 import contextlib
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-from throughput import (CPU_GEOMETRIES, infer, make_batch, make_optimizer, our_config, ours, seconds_per_call, spread,
-                        train_step)
+from throughput import (CPU_GEOMETRIES, alternating_cpu_seconds, infer, make_batch, make_optimizer, our_config, ours,
+                        spread, train_step)
 
 from modeling_dit_detection import modeling_dit_backbone
 
@@ -49,18 +48,6 @@ def torch_ops(enabled: bool):
         yield
     finally:
         modeling_dit_backbone.gelu_tanh, modeling_dit_backbone.modulated_layer_norm = saved
-
-
-def interleaved(calls: dict, repeats: int, calls_per_round: int) -> dict:
-    """`{variant: [CPU-seconds per call, one per round]}`, the variants alternating in order every round."""
-    cpu = torch.device("cpu")
-    for fn in calls.values():
-        seconds_per_call(fn, 1, cpu, time.process_time)  # warm-up
-    times = {variant: [] for variant in calls}
-    for repeat in range(repeats):
-        for variant in (list(calls) if repeat % 2 == 0 else list(calls)[::-1]):
-            times[variant].append(seconds_per_call(calls[variant], calls_per_round, cpu, time.process_time))
-    return times
 
 
 def geometry_calls(geometry: str, batch: int) -> dict[str, dict]:
@@ -119,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for geometry in args.geometries:
         for measurement, calls in geometry_calls(geometry, args.batch_size).items():
-            times = interleaved(calls, args.repeats, args.calls)
+            times = alternating_cpu_seconds(calls, args.repeats, args.calls)
             ours_ms, plain_ms = (statistics.median(times[variant]) for variant in calls)
             cells = [spread(times[variant], 1e3, 2 if ours_ms < 1e-2 else 1) for variant in calls]
             print(f"| {geometry} | {measurement} | {cells[0]} | {cells[1]} | {plain_ms / ours_ms:.2f} |")

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
-import time
 
 import torch
-from throughput import CPU_GEOMETRIES, our_config, seconds_per_call, simple_neck, spread
+from throughput import CPU_GEOMETRIES, alternating_cpu_seconds, our_config, simple_neck, spread
 
 from modeling_dit_detection import DiTForObjectDetection
 
@@ -35,13 +35,10 @@ def taps_like_the_backbone(config, batch: int) -> list[torch.Tensor]:
             for _ in backbone.out_indices]
 
 
-def neck_seconds(neck: torch.nn.Module, taps: list[torch.Tensor], calls: int) -> float:
-    """CPU-seconds of one forward and backward (the gradient flows to the weights and the taps)."""
-    def call():
-        inputs = [tap.detach().requires_grad_() for tap in taps]
-        sum(level.pow(2).mean() for level in neck(inputs)).backward()
-
-    return seconds_per_call(call, calls, torch.device("cpu"), time.process_time)
+def neck_step(neck: torch.nn.Module, taps: list[torch.Tensor]) -> None:
+    """One forward and backward (the gradient flows to the weights and the taps)."""
+    inputs = [tap.detach().requires_grad_() for tap in taps]
+    sum(level.pow(2).mean() for level in neck(inputs)).backward()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -66,12 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
             channels_first = copy.deepcopy(channels_last).to(memory_format=torch.contiguous_format)
             taps = taps_like_the_backbone(neck_config, args.batch_size)
             layouts = {"channels-last": channels_last, "channels-first": channels_first}
-            for neck in layouts.values():
-                neck_seconds(neck, taps, 2)  # warm-up
-            times = {layout: [] for layout in layouts}
-            for repeat in range(args.repeats):
-                for layout in (list(layouts) if repeat % 2 == 0 else list(layouts)[::-1]):
-                    times[layout].append(neck_seconds(layouts[layout], taps, args.calls))
+            calls = {layout: functools.partial(neck_step, neck, taps) for layout, neck in layouts.items()}
+            times = alternating_cpu_seconds(calls, args.repeats, args.calls, warmup_calls=2)
             last, first = (statistics.median(times[layout]) for layout in layouts)
             cells = [spread(v, 1e3) for v in times.values()]
             print(f"| {geometry} | {neck_name} | {cells[0]} | {cells[1]} | {first / last:.2f} |")

@@ -421,6 +421,21 @@ def measure(rows: list[Row], device: torch.device, args) -> list[tuple[str, str]
     return failed
 
 
+def alternating_cpu_seconds(calls: dict[str, Callable[[], object]], repeats: int, calls_per_round: int,
+                            warmup_calls: int = 1) -> dict[str, list[float]]:
+    """`{variant: [CPU-seconds per call of this process, one per round]}` for CPU variants timed against each other:
+    every round times each variant `calls_per_round` times, in order on even rounds and in reverse on odd ones, so
+    that the load of other jobs falls on all of them alike."""
+    cpu = torch.device("cpu")
+    for fn in calls.values():
+        seconds_per_call(fn, warmup_calls, cpu, time.process_time)
+    times = {variant: [] for variant in calls}
+    for repeat in range(repeats):
+        for variant in (list(calls) if repeat % 2 == 0 else list(calls)[::-1]):
+            times[variant].append(seconds_per_call(calls[variant], calls_per_round, cpu, time.process_time))
+    return times
+
+
 def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     """median (min-max) of values x scale."""
     scaled = sorted(v * scale for v in values)
