@@ -1,5 +1,6 @@
 """What training compute buys: test mAP against training CPU-seconds for our detector and transformers' LW-DETR (and
-DETR on our backbone), trained from scratch through the same data pipeline on the built-in "dense-small" layout, at 1x, 2x and 4x a budget.
+DETR on our backbone), trained from scratch through the same data pipeline on the built-in "dense-small" layout, at
+1x, 2x and 4x a budget.
 
     python benchmarks/quality_per_compute.py --work_dir outputs/quality-per-compute [--unit_cpu_minutes 6] \
         [--budgets 1,2,4] [--models ours,lwdetr] [--seeds 42] [--train_images 1000] [--eval_images 150] \
